@@ -1,0 +1,100 @@
+//! Configuration: command-line flags, each with an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::gateway::MockConfig;
+
+/// An idempotent payment service on Restate. Serve it, then register it with a Restate server
+/// (`POST <admin>/deployments {"uri": "http://<this host>:9090"}`).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "payment-service", version, about)]
+pub struct Config {
+    /// Address to listen on for the Restate server (HTTP/2 cleartext).
+    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0:9090")]
+    pub bind: SocketAddr,
+
+    /// Mock gateway: milliseconds each call takes before the gateway acts.
+    #[arg(long, env = "GATEWAY_DELAY_MS", default_value_t = 100)]
+    pub gateway_delay_ms: u64,
+
+    /// Mock gateway: share of charges declined, 0 to 1. Customers whose ID starts with
+    /// "decline-" are always declined.
+    #[arg(long, env = "GATEWAY_DECLINE_RATE", default_value_t = 0.1, value_parser = parse_rate)]
+    pub gateway_decline_rate: f64,
+
+    /// Mock gateway: share of calls that fail transiently (a timeout, not a decline), 0 to 1.
+    #[arg(long, env = "GATEWAY_ERROR_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub gateway_error_rate: f64,
+
+    /// Mock gateway: milliseconds between acting and answering, where a network loses answers.
+    #[arg(long, env = "GATEWAY_RESPONSE_DELAY_MS", default_value_t = 0)]
+    pub gateway_response_delay_ms: u64,
+
+    /// Mock gateway: append-only JSONL audit ledger of every call, reloaded at start so the
+    /// gateway remembers idempotency keys across restarts.
+    #[arg(long, env = "GATEWAY_LEDGER")]
+    pub gateway_ledger: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn mock_gateway(&self) -> MockConfig {
+        MockConfig {
+            delay: Duration::from_millis(self.gateway_delay_ms),
+            decline_rate: self.gateway_decline_rate,
+            error_rate: self.gateway_error_rate,
+            response_delay: Duration::from_millis(self.gateway_response_delay_ms),
+            ledger: self.gateway_ledger.clone(),
+        }
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("must be between 0 and 1, got {rate}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let config = Config::try_parse_from(["payment-service"]).unwrap();
+        assert_eq!(config.bind, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(config.gateway_delay_ms, 100);
+        assert_eq!(config.gateway_decline_rate, 0.1);
+        assert_eq!(config.gateway_error_rate, 0.0);
+        assert_eq!(config.gateway_ledger, None);
+    }
+
+    #[test]
+    fn flags_override_and_rates_are_checked() {
+        let config = Config::try_parse_from([
+            "payment-service",
+            "--bind",
+            "127.0.0.1:0",
+            "--gateway-decline-rate",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(config.gateway_decline_rate, 1.0);
+        assert!(
+            Config::try_parse_from(["payment-service", "--gateway-decline-rate", "1.5"]).is_err()
+        );
+        assert!(Config::try_parse_from(["payment-service", "--gateway-error-rate", "x"]).is_err());
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Config::command().debug_assert();
+    }
+}

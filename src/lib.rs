@@ -1,0 +1,27 @@
+//! # payment-service
+//!
+//! An idempotent payment service on [Restate](https://restate.dev): a virtual object
+//! `PaymentService`, keyed by payment ID, that charges a customer at most once per payment ID
+//! however often the client retries, however many duplicates arrive at once, and whichever
+//! process crashes in the middle.
+//!
+//! ## Layout
+//!
+//! | module        | what it holds                                                                |
+//! |---------------|------------------------------------------------------------------------------|
+//! | [`payment`]   | the domain, plain Rust: valid-only types, request parsing, states, the error |
+//! | [`service`]   | the Restate object: thin handlers, state keys, the journal, error mapping    |
+//! | [`gateway`]   | the gateway trait and the mock gateway with its idempotency keys and ledger   |
+//! | [`server`]    | the HTTP endpoint and graceful shutdown on SIGINT/SIGTERM                     |
+//! | [`config`]    | flags and environment variables (clap)                                       |
+//! | [`telemetry`] | `tracing` setup, replay-aware                                                |
+//!
+//! `src/main.rs` only wires these together. Integration tests in `tests/` start a real
+//! `restate-server` and the service binary (`tests/common/` is the shared harness).
+
+pub mod config;
+pub mod gateway;
+pub mod payment;
+pub mod server;
+pub mod service;
+pub mod telemetry;

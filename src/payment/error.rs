@@ -1,0 +1,32 @@
+//! The one error type of the payment domain.
+//!
+//! Every variant is a business outcome the client must see as-is: none of them is worth
+//! retrying, so the Restate boundary turns each into a terminal error with a 4xx code
+//! (see `service::to_terminal`).
+
+use super::PaymentStatus;
+
+/// Why a request was refused by the domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PaymentError {
+    /// The request body is not acceptable: malformed JSON, a missing or out-of-range field.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No payment is stored under this payment ID.
+    #[error("payment {payment_id} not found")]
+    NotFound { payment_id: String },
+    /// The payment exists but is in a status that forbids the operation.
+    #[error(
+        "cannot refund payment {payment_id} with status {status}: only completed payments can be refunded"
+    )]
+    NotRefundable {
+        payment_id: String,
+        status: PaymentStatus,
+    },
+}
+
+impl PaymentError {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidRequest(message.into())
+    }
+}

@@ -1,0 +1,20 @@
+//! The payment domain: plain Rust, no Restate.
+//!
+//! - [`types`]: value types that can only be built valid (amount, currency, payment ID, time);
+//! - [`request`]: parsing client bodies into those types, with messages a client can act on;
+//! - [`model`]: the stored payment and refund, the answers, and the state transitions;
+//! - [`error`]: the one domain error enum.
+
+pub mod error;
+pub mod model;
+pub mod request;
+pub mod types;
+
+pub use error::PaymentError;
+pub use model::{
+    ChargeOutcome, Payment, PaymentResult, PaymentStatus, Refund, RefundReceipt, RefundStatus,
+};
+pub use request::{
+    CreatePaymentBody, NewPayment, NoInput, RefundAmount, RefundPaymentBody, RefundRequest,
+};
+pub use types::{Amount, Currency, MAX_AMOUNT, PaymentId, Timestamp};

@@ -1,0 +1,367 @@
+//! The payment's life: what is stored, what is answered, and the transitions between states.
+//!
+//! ```text
+//!   (none) ──create──▶ pending ──charge succeeded──▶ completed ──refund──▶ refunded
+//!                         │
+//!                         └──declined / gateway gave up──▶ failed   (final)
+//! ```
+//!
+//! Everything here is plain data and pure functions: the Restate handlers decide nothing
+//! themselves, they read state, call these, and write state back.
+
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Amount, Currency, NewPayment, PaymentError, PaymentId, RefundAmount, Timestamp};
+
+/// The message of a payment that was just charged.
+pub const MSG_PROCESSED: &str = "Payment processed successfully";
+/// The message of a `CreatePayment` that found the payment already settled.
+pub const MSG_ALREADY_PROCESSED: &str = "Payment already processed";
+/// The message of a refund.
+pub const MSG_REFUNDED: &str = "Refund processed successfully";
+
+/// Where a payment is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PaymentStatus {
+    /// Stored, the charge not settled yet.
+    Pending,
+    /// Charged: `chargeId` names the charge at the gateway.
+    Completed,
+    /// Not charged, for good: declined, or the gateway could not be reached. `errorMsg` says why.
+    Failed,
+    /// Charged, then refunded (in full or in part: see the stored refund).
+    Refunded,
+}
+
+impl PaymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Refunded => "refunded",
+        }
+    }
+}
+
+impl fmt::Display for PaymentStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The payment as stored under state key `payment` and answered by `GetPayment`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Payment {
+    pub payment_id: String,
+    pub amount: Amount,
+    pub currency: Currency,
+    pub description: String,
+    pub customer_id: String,
+    pub status: PaymentStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge_id: Option<String>,
+    pub created_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_msg: Option<String>,
+}
+
+/// What the charge step settled on. It is the result of a journaled step, so it is recorded
+/// once and replayed as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum ChargeOutcome {
+    /// The gateway took the money.
+    #[serde(rename_all = "camelCase")]
+    Charged { charge_id: String, at: Timestamp },
+    /// The gateway refused the charge (e.g. "insufficient funds").
+    Declined { reason: String },
+    /// The gateway could not give an answer within the retry budget.
+    Unavailable { reason: String },
+}
+
+impl Payment {
+    /// A new payment, not yet charged.
+    pub fn pending(id: &PaymentId, request: NewPayment, created_at: Timestamp) -> Self {
+        Self {
+            payment_id: id.as_str().to_owned(),
+            amount: request.amount,
+            currency: request.currency,
+            description: request.description,
+            customer_id: request.customer_id,
+            status: PaymentStatus::Pending,
+            charge_id: None,
+            created_at,
+            completed_at: None,
+            error_msg: None,
+        }
+    }
+
+    /// Records the charge's outcome: `completed` with its charge ID, or `failed` with why.
+    pub fn settle(&mut self, outcome: ChargeOutcome) {
+        debug_assert_eq!(self.status, PaymentStatus::Pending);
+        match outcome {
+            ChargeOutcome::Charged { charge_id, at } => {
+                self.status = PaymentStatus::Completed;
+                self.charge_id = Some(charge_id);
+                self.completed_at = Some(at);
+            }
+            ChargeOutcome::Declined { reason } => {
+                self.status = PaymentStatus::Failed;
+                self.error_msg = Some(reason);
+            }
+            ChargeOutcome::Unavailable { reason } => {
+                self.status = PaymentStatus::Failed;
+                self.error_msg = Some(format!("payment gateway unavailable: {reason}"));
+            }
+        }
+    }
+
+    /// How much a refund request takes from this payment, or why it cannot.
+    pub fn refundable_amount(&self, requested: RefundAmount) -> Result<Amount, PaymentError> {
+        if self.status != PaymentStatus::Completed {
+            return Err(PaymentError::NotRefundable {
+                payment_id: self.payment_id.clone(),
+                status: self.status,
+            });
+        }
+        match requested {
+            RefundAmount::Full => Ok(self.amount),
+            RefundAmount::Partial(amount) if amount > self.amount => {
+                Err(PaymentError::invalid(format!(
+                    "refund amount {amount} exceeds the payment amount {}",
+                    self.amount
+                )))
+            }
+            RefundAmount::Partial(amount) => Ok(amount),
+        }
+    }
+
+    pub fn mark_refunded(&mut self) {
+        debug_assert_eq!(self.status, PaymentStatus::Completed);
+        self.status = PaymentStatus::Refunded;
+    }
+}
+
+/// The answer to `CreatePayment`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentResult {
+    pub payment_id: String,
+    pub status: PaymentStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge_id: Option<String>,
+    pub message: String,
+}
+
+impl PaymentResult {
+    /// The answer of the invocation that settled the payment. A decline answers with its
+    /// reason as the message, as the seed does.
+    pub fn settled(payment: &Payment) -> Self {
+        let message = match (&payment.status, &payment.error_msg) {
+            (PaymentStatus::Failed, Some(reason)) => reason.clone(),
+            _ => MSG_PROCESSED.to_owned(),
+        };
+        Self::with_message(payment, message)
+    }
+
+    /// The answer to a duplicate `CreatePayment`: the stored outcome, unchanged.
+    pub fn already_processed(payment: &Payment) -> Self {
+        Self::with_message(payment, MSG_ALREADY_PROCESSED.to_owned())
+    }
+
+    fn with_message(payment: &Payment, message: String) -> Self {
+        Self {
+            payment_id: payment.payment_id.clone(),
+            status: payment.status,
+            charge_id: payment.charge_id.clone(),
+            message,
+        }
+    }
+}
+
+/// The status of a refund. The mock gateway settles refunds at once, so it is always
+/// `completed`, as in the seed; an enum keeps the wire format open for `pending` later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RefundStatus {
+    Completed,
+}
+
+/// The refund, as stored under state key `refund` and answered by every `RefundPayment`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Refund {
+    pub refund_id: String,
+    pub status: RefundStatus,
+    pub amount: Amount,
+    pub message: String,
+    /// The reason the first refund request gave.
+    pub reason: String,
+    pub refunded_at: Timestamp,
+}
+
+/// What the refund step recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefundReceipt {
+    pub refund_id: String,
+    pub at: Timestamp,
+}
+
+impl Refund {
+    pub fn completed(receipt: RefundReceipt, amount: Amount, reason: String) -> Self {
+        Self {
+            refund_id: receipt.refund_id,
+            status: RefundStatus::Completed,
+            amount,
+            message: MSG_REFUNDED.to_owned(),
+            reason,
+            refunded_at: receipt.at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(amount: u64) -> NewPayment {
+        NewPayment {
+            amount: Amount::new(amount).unwrap(),
+            currency: Currency::usd(),
+            description: "Premium subscription".into(),
+            customer_id: "cust-alice".into(),
+        }
+    }
+
+    fn pending(amount: u64) -> Payment {
+        let id = PaymentId::parse("payment-001").unwrap();
+        Payment::pending(&id, request(amount), Timestamp::now())
+    }
+
+    fn completed(amount: u64) -> Payment {
+        let mut p = pending(amount);
+        p.settle(ChargeOutcome::Charged {
+            charge_id: "ch_1".into(),
+            at: Timestamp::now(),
+        });
+        p
+    }
+
+    #[test]
+    fn charge_completes() {
+        let p = completed(10000);
+        assert_eq!(p.status, PaymentStatus::Completed);
+        assert_eq!(p.charge_id.as_deref(), Some("ch_1"));
+        assert!(p.completed_at.is_some());
+        assert_eq!(p.error_msg, None);
+        let r = PaymentResult::settled(&p);
+        assert_eq!(r.message, MSG_PROCESSED);
+        assert_eq!(r.charge_id.as_deref(), Some("ch_1"));
+    }
+
+    #[test]
+    fn decline_fails_with_the_reason_as_message() {
+        let mut p = pending(10000);
+        p.settle(ChargeOutcome::Declined {
+            reason: "insufficient funds".into(),
+        });
+        assert_eq!(p.status, PaymentStatus::Failed);
+        assert_eq!(p.error_msg.as_deref(), Some("insufficient funds"));
+        assert_eq!(p.completed_at, None);
+        let r = PaymentResult::settled(&p);
+        assert_eq!(r.status, PaymentStatus::Failed);
+        assert_eq!(r.message, "insufficient funds");
+        assert_eq!(r.charge_id, None);
+    }
+
+    #[test]
+    fn unavailable_gateway_fails_saying_why() {
+        let mut p = pending(10000);
+        p.settle(ChargeOutcome::Unavailable {
+            reason: "timed out after 5 attempts".into(),
+        });
+        assert_eq!(p.status, PaymentStatus::Failed);
+        assert!(p.error_msg.unwrap().contains("timed out after 5 attempts"));
+    }
+
+    #[test]
+    fn duplicate_answers_the_stored_outcome() {
+        let p = completed(10000);
+        let r = PaymentResult::already_processed(&p);
+        assert_eq!(r.message, MSG_ALREADY_PROCESSED);
+        assert_eq!(r.charge_id.as_deref(), Some("ch_1"));
+        assert_eq!(r.status, PaymentStatus::Completed);
+    }
+
+    #[test]
+    fn refund_only_of_completed_payments() {
+        for status in [
+            PaymentStatus::Pending,
+            PaymentStatus::Failed,
+            PaymentStatus::Refunded,
+        ] {
+            let mut p = pending(10000);
+            p.status = status;
+            let err = p.refundable_amount(RefundAmount::Full).unwrap_err();
+            assert!(err.to_string().contains(status.as_str()), "{err}");
+            assert!(matches!(err, PaymentError::NotRefundable { .. }));
+        }
+    }
+
+    #[test]
+    fn refund_amounts_are_bounded_by_the_payment() {
+        let p = completed(10000);
+        let amount = |n| RefundAmount::Partial(Amount::new(n).unwrap());
+        assert_eq!(
+            p.refundable_amount(RefundAmount::Full)
+                .unwrap()
+                .minor_units(),
+            10000
+        );
+        assert_eq!(
+            p.refundable_amount(amount(2500)).unwrap().minor_units(),
+            2500
+        );
+        assert_eq!(
+            p.refundable_amount(amount(10000)).unwrap().minor_units(),
+            10000
+        );
+        let err = p.refundable_amount(amount(10001)).unwrap_err();
+        assert!(matches!(err, PaymentError::InvalidRequest(_)), "{err}");
+    }
+
+    #[test]
+    fn stored_json_is_camel_case_and_omits_empty_fields() {
+        let p = pending(10000);
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["paymentId"], "payment-001");
+        assert_eq!(json["customerId"], "cust-alice");
+        assert_eq!(json["status"], "pending");
+        assert_eq!(json["amount"], 10000);
+        assert!(json.get("chargeId").is_none());
+        assert!(json.get("completedAt").is_none());
+        assert!(json.get("errorMsg").is_none());
+        let back: Payment = serde_json::from_value(json).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn charge_outcome_round_trips() {
+        let o = ChargeOutcome::Charged {
+            charge_id: "ch_1".into(),
+            at: Timestamp::now(),
+        };
+        let json = serde_json::to_string(&o).unwrap();
+        assert!(json.contains("\"outcome\":\"charged\""), "{json}");
+        assert_eq!(serde_json::from_str::<ChargeOutcome>(&json).unwrap(), o);
+    }
+}

@@ -1,0 +1,324 @@
+//! Parsing client requests into domain values, with messages a client can act on.
+//!
+//! Bodies are parsed by hand from `serde_json::Value` rather than by a derived `Deserialize`:
+//! a derive would answer `"invalid type: string \"100\", expected u64 at line 1 column 15"`,
+//! where a payments API should say which field is wrong and what it expects.
+
+use schemars::JsonSchema;
+use serde_json::{Map, Value};
+
+use super::{Amount, Currency, PaymentError};
+
+/// Longest `description` accepted, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 1000;
+/// Longest `customerId` accepted, in characters.
+pub const MAX_CUSTOMER_ID_CHARS: usize = 255;
+/// Longest refund `reason` accepted, in characters.
+pub const MAX_REASON_CHARS: usize = 1000;
+
+/// A valid request to create (and charge) a payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPayment {
+    pub amount: Amount,
+    pub currency: Currency,
+    pub description: String,
+    pub customer_id: String,
+}
+
+impl NewPayment {
+    /// Parses a `CreatePayment` body: `amount` (required, integer minor units), `currency`
+    /// (absent, null or empty means USD, as in the seed), `description`, `customerId`.
+    /// Unknown fields are ignored.
+    pub fn parse(body: &[u8]) -> Result<Self, PaymentError> {
+        let fields = parse_object(body, false)?;
+        let amount = match fields.get("amount") {
+            None | Some(Value::Null) => {
+                return Err(PaymentError::invalid(
+                    "amount is required: a positive integer of minor units (10000 = 100.00)",
+                ));
+            }
+            Some(value) => parse_amount(value)?,
+        };
+        let currency = match optional_string(&fields, "currency", 16)? {
+            None => Currency::usd(),
+            Some(code) if code.is_empty() => Currency::usd(),
+            Some(code) => Currency::parse(&code)?,
+        };
+        Ok(Self {
+            amount,
+            currency,
+            description: optional_string(&fields, "description", MAX_DESCRIPTION_CHARS)?
+                .unwrap_or_default(),
+            customer_id: optional_string(&fields, "customerId", MAX_CUSTOMER_ID_CHARS)?
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// How much of the payment a refund asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundAmount {
+    /// `amount` absent, null or 0: the whole payment, as in the seed.
+    Full,
+    Partial(Amount),
+}
+
+/// A valid request to refund a payment. Whether the amount fits the payment is decided
+/// against the stored payment (`Payment::refundable_amount`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub reason: String,
+    pub amount: RefundAmount,
+}
+
+impl RefundRequest {
+    /// Parses a `RefundPayment` body: `reason` and optional `amount`. An empty body means a
+    /// full refund with no reason.
+    pub fn parse(body: &[u8]) -> Result<Self, PaymentError> {
+        let fields = parse_object(body, true)?;
+        let amount = match fields.get("amount") {
+            None | Some(Value::Null) => RefundAmount::Full,
+            Some(Value::Number(n)) if n.as_u64() == Some(0) => RefundAmount::Full,
+            Some(value) => RefundAmount::Partial(parse_amount(value)?),
+        };
+        Ok(Self {
+            reason: optional_string(&fields, "reason", MAX_REASON_CHARS)?.unwrap_or_default(),
+            amount,
+        })
+    }
+}
+
+/// The documented shape of a `CreatePayment` body, published as its JSON schema. Parsing does
+/// not go through it (see [`NewPayment::parse`]); the two live side by side to change together.
+#[derive(Debug, JsonSchema)]
+#[schemars(rename_all = "camelCase")]
+pub struct CreatePaymentBody {
+    /// Amount in minor units of the currency (10000 = 100.00 USD).
+    #[schemars(range(min = 1, max = 1_000_000_000_000u64))]
+    pub amount: u64,
+    /// ISO 4217 code, three upper-case letters; absent or empty means USD.
+    #[schemars(regex(pattern = r"^[A-Z]{3}$"))]
+    pub currency: Option<String>,
+    #[schemars(length(max = 1000))]
+    pub description: Option<String>,
+    #[schemars(length(max = 255))]
+    pub customer_id: Option<String>,
+}
+
+/// The documented shape of a `RefundPayment` body (see [`RefundRequest::parse`]).
+#[derive(Debug, JsonSchema)]
+#[schemars(rename_all = "camelCase")]
+pub struct RefundPaymentBody {
+    #[schemars(length(max = 1000))]
+    pub reason: Option<String>,
+    /// Minor units to refund, at most the payment's amount; absent or 0 refunds in full.
+    #[schemars(range(max = 1_000_000_000_000u64))]
+    pub amount: Option<u64>,
+}
+
+/// `GetPayment` takes no input; the seed sends `{}`, which is accepted, as is no body at all.
+#[derive(Debug, JsonSchema)]
+pub struct NoInput {}
+
+/// The body must be a JSON object; an empty body is `{}` where `empty_ok`.
+fn parse_object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, PaymentError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return if empty_ok {
+            Ok(Map::new())
+        } else {
+            Err(PaymentError::invalid(
+                "request body is required: a JSON object with amount, currency, description and customerId",
+            ))
+        };
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(other) => Err(PaymentError::invalid(format!(
+            "request body must be a JSON object, got {}",
+            json_type(&other)
+        ))),
+        Err(e) => Err(PaymentError::invalid(format!(
+            "request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// An amount must be a JSON integer in `1..=MAX_AMOUNT`; `100`, not `"100"` or `100.5`.
+fn parse_amount(value: &Value) -> Result<Amount, PaymentError> {
+    let Value::Number(n) = value else {
+        return Err(PaymentError::invalid(format!(
+            "amount must be an integer of minor units, got {}",
+            json_type(value)
+        )));
+    };
+    if let Some(units) = n.as_u64() {
+        return Amount::new(units);
+    }
+    if n.as_i64().is_some() {
+        return Err(PaymentError::invalid(format!(
+            "amount must be positive, got {n}"
+        )));
+    }
+    match n.as_f64() {
+        Some(f) if f < 0.0 => Err(PaymentError::invalid(format!(
+            "amount must be positive, got {n}"
+        ))),
+        Some(f) if f.fract() != 0.0 => Err(PaymentError::invalid(format!(
+            "amount must be a whole number of minor units (10000 = 100.00), got {n}"
+        ))),
+        Some(f) if f > super::MAX_AMOUNT as f64 => Err(PaymentError::invalid(format!(
+            "amount must be at most {} minor units, got {n}",
+            super::MAX_AMOUNT
+        ))),
+        _ => Err(PaymentError::invalid(format!(
+            "amount must be written as an integer, without a decimal point or exponent, got {n}"
+        ))),
+    }
+}
+
+/// A string field that may be absent or null; any other JSON type is refused.
+fn optional_string(
+    fields: &Map<String, Value>,
+    name: &str,
+    max_chars: usize,
+) -> Result<Option<String>, PaymentError> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.chars().count() > max_chars => Err(PaymentError::invalid(
+            format!("{name} must be at most {max_chars} characters"),
+        )),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(PaymentError::invalid(format!(
+            "{name} must be a string, got {}",
+            json_type(other)
+        ))),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_payment(json: &str) -> Result<NewPayment, PaymentError> {
+        NewPayment::parse(json.as_bytes())
+    }
+
+    fn message(result: Result<impl std::fmt::Debug, PaymentError>) -> String {
+        match result.unwrap_err() {
+            PaymentError::InvalidRequest(m) => m,
+            other => panic!("expected InvalidRequest, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_the_seed_request() {
+        let p = new_payment(
+            r#"{"amount": 10000, "currency": "USD", "description": "Premium subscription", "customerId": "cust-alice"}"#,
+        )
+        .unwrap();
+        assert_eq!(p.amount.minor_units(), 10000);
+        assert_eq!(p.currency.as_str(), "USD");
+        assert_eq!(p.description, "Premium subscription");
+        assert_eq!(p.customer_id, "cust-alice");
+    }
+
+    #[test]
+    fn currency_defaults_to_usd() {
+        for body in [
+            r#"{"amount": 1}"#,
+            r#"{"amount": 1, "currency": null}"#,
+            r#"{"amount": 1, "currency": ""}"#,
+        ] {
+            assert_eq!(
+                new_payment(body).unwrap().currency.as_str(),
+                "USD",
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_bad_amounts_with_a_reason() {
+        let cases = [
+            (r#"{}"#, "required"),
+            (r#"{"amount": null}"#, "required"),
+            (r#"{"amount": 0}"#, "positive"),
+            (r#"{"amount": -5}"#, "positive"),
+            (r#"{"amount": -5.5}"#, "positive"),
+            (r#"{"amount": 10.5}"#, "whole number"),
+            (r#"{"amount": 10.0}"#, "written as an integer"),
+            (r#"{"amount": "100"}"#, "got a string"),
+            (r#"{"amount": true}"#, "got a boolean"),
+            (r#"{"amount": [1]}"#, "got an array"),
+            (r#"{"amount": 1000000000001}"#, "at most 1000000000000"),
+            (r#"{"amount": 18446744073709551616}"#, "at most"),
+            (r#"{"amount": 1e300}"#, "at most"),
+        ];
+        for (body, expected) in cases {
+            let msg = message(new_payment(body));
+            assert!(msg.contains(expected), "{body}: {msg}");
+        }
+        assert!(new_payment(r#"{"amount": 1000000000000}"#).is_ok());
+    }
+
+    #[test]
+    fn refuses_bad_currencies() {
+        for body in [
+            r#"{"amount": 1, "currency": "usd"}"#,
+            r#"{"amount": 1, "currency": "US"}"#,
+            r#"{"amount": 1, "currency": "EURO"}"#,
+            r#"{"amount": 1, "currency": 5}"#,
+        ] {
+            assert!(message(new_payment(body)).contains("currency"), "{body}");
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_bodies() {
+        assert!(message(new_payment("")).contains("required"));
+        assert!(message(new_payment("{\"amount\": 1")).contains("not valid JSON"));
+        assert!(message(new_payment("[1, 2]")).contains("JSON object"));
+        assert!(message(new_payment("\"hello\"")).contains("JSON object"));
+        assert!(message(new_payment(r#"{"amount": 1, "customerId": 7}"#)).contains("customerId"));
+        let long = format!(r#"{{"amount": 1, "description": "{}"}}"#, "x".repeat(1001));
+        assert!(message(new_payment(&long)).contains("at most 1000"));
+    }
+
+    #[test]
+    fn ignores_unknown_fields() {
+        assert!(new_payment(r#"{"amount": 1, "extra": {"nested": true}}"#).is_ok());
+    }
+
+    #[test]
+    fn refund_amounts() {
+        let parse = |s: &str| RefundRequest::parse(s.as_bytes());
+        assert_eq!(parse("").unwrap().amount, RefundAmount::Full);
+        assert_eq!(parse("{}").unwrap().amount, RefundAmount::Full);
+        assert_eq!(
+            parse(r#"{"amount": 0}"#).unwrap().amount,
+            RefundAmount::Full
+        );
+        assert_eq!(
+            parse(r#"{"reason": "Customer request", "amount": 2500}"#).unwrap(),
+            RefundRequest {
+                reason: "Customer request".into(),
+                amount: RefundAmount::Partial(Amount::new(2500).unwrap()),
+            }
+        );
+        assert!(message(parse(r#"{"amount": -1}"#)).contains("positive"));
+        assert!(message(parse(r#"{"amount": 1.5}"#)).contains("whole number"));
+        assert!(message(parse(r#"{"reason": 3}"#)).contains("reason"));
+        assert!(message(parse("nope")).contains("not valid JSON"));
+    }
+}

@@ -1,0 +1,257 @@
+//! Value types that can only hold valid values: parse, don't validate.
+//!
+//! Each type checks its invariant once, where it is built; the rest of the code can rely on it.
+//! State read back from Restate is checked again on the way in (`serde(try_from)`), so a value
+//! written by an older or buggy version cannot slip through unnoticed.
+
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::PaymentError;
+
+/// The largest amount accepted, in minor units: 10^12 (ten billion in a two-decimal currency).
+pub const MAX_AMOUNT: u64 = 1_000_000_000_000;
+/// The longest payment ID accepted, in bytes (the same bound Stripe puts on idempotency keys).
+pub const MAX_PAYMENT_ID_LEN: usize = 255;
+
+/// A positive amount of money in minor units (cents for USD), at most [`MAX_AMOUNT`].
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(try_from = "u64", into = "u64")]
+#[schemars(with = "u64")]
+pub struct Amount(u64);
+
+impl Amount {
+    pub fn new(minor_units: u64) -> Result<Self, PaymentError> {
+        match minor_units {
+            0 => Err(PaymentError::invalid("amount must be positive, got 0")),
+            n if n > MAX_AMOUNT => Err(PaymentError::invalid(format!(
+                "amount must be at most {MAX_AMOUNT} minor units, got {n}"
+            ))),
+            n => Ok(Self(n)),
+        }
+    }
+
+    pub fn minor_units(self) -> u64 {
+        self.0
+    }
+}
+
+impl TryFrom<u64> for Amount {
+    type Error = PaymentError;
+    fn try_from(value: u64) -> Result<Self, Self::Error> {
+        Self::new(value)
+    }
+}
+
+impl From<Amount> for u64 {
+    fn from(amount: Amount) -> Self {
+        amount.0
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An ISO 4217-style currency code: exactly three upper-case ASCII letters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schemars(with = "String")]
+pub struct Currency(String);
+
+impl Currency {
+    /// The seed's default when the request names no currency.
+    pub fn usd() -> Self {
+        Self("USD".to_owned())
+    }
+
+    pub fn parse(code: &str) -> Result<Self, PaymentError> {
+        if code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()) {
+            Ok(Self(code.to_owned()))
+        } else {
+            Err(PaymentError::invalid(format!(
+                "currency must be a 3-letter upper-case code such as \"USD\", got {code:?}"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Currency {
+    type Error = PaymentError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<Currency> for String {
+    fn from(currency: Currency) -> Self {
+        currency.0
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The payment ID: the virtual object key, chosen by the client, and the root of every
+/// gateway idempotency key. Non-empty, at most [`MAX_PAYMENT_ID_LEN`] bytes, no control
+/// characters (they would end up in logs and in the gateway's keys).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PaymentId(String);
+
+impl PaymentId {
+    pub fn parse(key: &str) -> Result<Self, PaymentError> {
+        if key.is_empty() {
+            return Err(PaymentError::invalid("payment ID must not be empty"));
+        }
+        if key.len() > MAX_PAYMENT_ID_LEN {
+            return Err(PaymentError::invalid(format!(
+                "payment ID must be at most {MAX_PAYMENT_ID_LEN} bytes, got {}",
+                key.len()
+            )));
+        }
+        if key.chars().any(char::is_control) {
+            return Err(PaymentError::invalid(
+                "payment ID must not contain control characters",
+            ));
+        }
+        Ok(Self(key.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The gateway idempotency key of this payment's charge. Deterministic, so every attempt
+    /// of the charge step, in any process, sends the same key; the `charge:` prefix keeps it
+    /// apart from the refund key of the same payment.
+    pub fn charge_key(&self) -> String {
+        format!("charge:{}", self.0)
+    }
+
+    /// The gateway idempotency key of this payment's refund (a payment has at most one).
+    pub fn refund_key(&self) -> String {
+        format!("refund:{}", self.0)
+    }
+}
+
+impl fmt::Display for PaymentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A point in time, UTC, written as RFC 3339 (`2026-11-27T18:04:05.123Z`).
+///
+/// Reading the clock is a side effect: [`Timestamp::now`] may only be called inside a
+/// journaled `ctx.run` step, so that a replay sees the recorded value, never a new one.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+pub struct Timestamp(
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
+    OffsetDateTime,
+);
+
+impl Timestamp {
+    /// The current time, truncated to milliseconds. Only inside a journaled step.
+    pub fn now() -> Self {
+        let now = OffsetDateTime::now_utc();
+        let millis = now.millisecond();
+        Self(now.replace_millisecond(millis).unwrap_or(now))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self
+            .0
+            .format(&time::format_description::well_known::Rfc3339)
+        {
+            Ok(s) => f.write_str(&s),
+            Err(_) => write!(f, "{:?}", self.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amount_bounds() {
+        assert!(Amount::new(0).is_err());
+        assert_eq!(Amount::new(1).unwrap().minor_units(), 1);
+        assert_eq!(Amount::new(MAX_AMOUNT).unwrap().minor_units(), MAX_AMOUNT);
+        assert!(Amount::new(MAX_AMOUNT + 1).is_err());
+    }
+
+    #[test]
+    fn amount_rejects_invalid_state_on_deserialize() {
+        assert!(serde_json::from_str::<Amount>("0").is_err());
+        assert!(serde_json::from_str::<Amount>("-5").is_err());
+        assert_eq!(
+            serde_json::from_str::<Amount>("10000")
+                .unwrap()
+                .minor_units(),
+            10000
+        );
+    }
+
+    #[test]
+    fn currency_codes() {
+        for ok in ["USD", "EUR", "JPY"] {
+            assert_eq!(Currency::parse(ok).unwrap().as_str(), ok);
+        }
+        for bad in ["usd", "US", "EURO", "", "U$D", "ÜSD", "12A"] {
+            assert!(Currency::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn payment_id_rules() {
+        assert!(PaymentId::parse("payment-001").is_ok());
+        assert!(PaymentId::parse("pagamento-€-ü").is_ok());
+        assert!(PaymentId::parse("").is_err());
+        assert!(PaymentId::parse("a\u{0}b").is_err());
+        assert!(PaymentId::parse("line\nbreak").is_err());
+        assert!(PaymentId::parse(&"x".repeat(MAX_PAYMENT_ID_LEN)).is_ok());
+        assert!(PaymentId::parse(&"x".repeat(MAX_PAYMENT_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_deterministic_and_distinct() {
+        let id = PaymentId::parse("payment-001").unwrap();
+        assert_eq!(
+            id.charge_key(),
+            PaymentId::parse("payment-001").unwrap().charge_key()
+        );
+        assert_ne!(id.charge_key(), id.refund_key());
+        let other = PaymentId::parse("payment-002").unwrap();
+        assert_ne!(id.charge_key(), other.charge_key());
+    }
+
+    #[test]
+    fn timestamp_is_rfc3339_utc_millis() {
+        let ts = Timestamp::now();
+        let json = serde_json::to_string(&ts).unwrap();
+        assert!(json.ends_with("Z\""), "{json}");
+        let back: Timestamp = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ts);
+        assert_eq!(ts.0.nanosecond() % 1_000_000, 0);
+    }
+}

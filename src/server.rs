@@ -1,0 +1,37 @@
+//! The HTTP endpoint Restate calls, and its graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use restate_sdk::endpoint::Endpoint;
+use restate_sdk::http_server::HttpServer;
+use tokio::net::TcpListener;
+
+use crate::gateway::PaymentGateway;
+use crate::service::PaymentService;
+
+/// The Restate endpoint with `PaymentService` bound to `gateway`.
+pub fn endpoint(gateway: Arc<dyn PaymentGateway>) -> Endpoint {
+    Endpoint::builder()
+        .bind(PaymentService::new(gateway))
+        .build()
+}
+
+/// Serves `endpoint` on `listener` until `shutdown` completes, then lets in-flight requests
+/// finish (the SDK gives them 10 s). Restate retries whatever is cut off, from its journal.
+pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: impl Future) {
+    HttpServer::new(endpoint)
+        .serve_with_cancel(listener, shutdown)
+        .await;
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (what `docker stop` and Kubernetes send); the SDK's
+/// own default waits for SIGINT only.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

@@ -1,0 +1,325 @@
+//! The Restate virtual object `PaymentService`, keyed by payment ID.
+//!
+//! Handlers are thin: they read state, call the domain ([`crate::payment`]), run the gateway
+//! inside journaled steps, and write state back. Restate runs at most one exclusive handler
+//! (`CreatePayment`, `RefundPayment`) per payment at a time, so concurrent duplicates queue up
+//! and each finds what the first one stored.
+//!
+//! `CreatePayment`'s journal for a new payment, step by step:
+//!
+//! | # | entry               | why                                                         |
+//! |---|---------------------|-------------------------------------------------------------|
+//! | 1 | get state `payment` | deduplication: a stored payment is answered as it is        |
+//! | 2 | run `accept`        | `createdAt`, read from the clock once and journaled          |
+//! | 3 | set state `payment` | `pending`, visible to `GetPayment` while the charge runs     |
+//! | 4 | run `charge`        | the gateway call with key `charge:<id>`, plus `completedAt` |
+//! | 5 | set state `payment` | `completed` or `failed`                                     |
+//! | 6 | run `receipt`       | the seed's receipt, only after a successful charge          |
+//!
+//! A duplicate is step 1 and nothing else. Step 2 cannot fold into step 4: the pending record
+//! must carry `createdAt` before the charge starts, and only a journaled step may read the clock.
+
+mod body;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use restate_sdk::prelude::*;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::gateway::{
+    ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest as GatewayRefund,
+};
+use crate::payment::{
+    ChargeOutcome, CreatePaymentBody, NewPayment, NoInput, Payment, PaymentError, PaymentId,
+    PaymentResult, PaymentStatus, Refund, RefundPaymentBody, RefundReceipt, RefundRequest,
+    Timestamp,
+};
+
+pub use body::JsonBody;
+
+/// State key of the stored [`Payment`].
+pub const STATE_PAYMENT: &str = "payment";
+/// State key of the stored [`Refund`].
+pub const STATE_REFUND: &str = "refund";
+
+/// Attempts of one gateway step (the first included) before the gateway is deemed unavailable.
+pub const GATEWAY_MAX_ATTEMPTS: u32 = 5;
+
+/// The retry policy of the gateway steps: transient errors are retried, with backoff, with
+/// the same idempotency key, a bounded number of times. Unbounded, a dead gateway would leave
+/// the payment `pending` and the client waiting forever.
+fn gateway_retry_policy() -> RunRetryPolicy {
+    RunRetryPolicy::new()
+        .initial_delay(Duration::from_millis(100))
+        .exponentiation_factor(2.0)
+        .max_delay(Duration::from_secs(2))
+        .max_attempts(GATEWAY_MAX_ATTEMPTS)
+}
+
+/// The one mapping from domain errors to what the client sees. Terminal: a business error is
+/// the same on every retry, so Restate must not retry it.
+impl From<PaymentError> for TerminalError {
+    fn from(error: PaymentError) -> Self {
+        let code = match &error {
+            PaymentError::InvalidRequest(_) => 400,
+            PaymentError::NotFound { .. } => 404,
+            PaymentError::NotRefundable { .. } => 409,
+        };
+        TerminalError::new_with_code(code, error.to_string())
+    }
+}
+
+/// The payment service: one virtual object per payment ID.
+pub struct PaymentService {
+    gateway: Arc<dyn PaymentGateway>,
+}
+
+impl PaymentService {
+    pub fn new(gateway: Arc<dyn PaymentGateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+/// Every log line of a handler carries the payment ID (the SDK's span carries the handler).
+fn payment_span(key: &str) -> tracing::Span {
+    info_span!("payment", payment_id = %key)
+}
+
+#[restate_sdk::object(name = "PaymentService")]
+impl PaymentService {
+    /// Creates and charges a payment, once per payment ID.
+    #[handler(name = "CreatePayment")]
+    async fn create_payment(
+        &self,
+        ctx: ObjectContext<'_>,
+        body: JsonBody<CreatePaymentBody>,
+    ) -> Result<Json<PaymentResult>, TerminalError> {
+        let span = payment_span(ctx.key());
+        let result = self.create(ctx, body).instrument(span.clone()).await;
+        span.in_scope(|| log_refusal(&result));
+        result.map(Json)
+    }
+
+    /// The stored payment, read-only.
+    #[handler(name = "GetPayment")]
+    async fn get_payment(
+        &self,
+        ctx: SharedObjectContext<'_>,
+        _body: JsonBody<NoInput>,
+    ) -> Result<Json<Payment>, TerminalError> {
+        let span = payment_span(ctx.key());
+        let not_found = || PaymentError::NotFound {
+            payment_id: ctx.key().to_owned(),
+        };
+        let result = match ctx.get::<Json<Payment>>(STATE_PAYMENT).await {
+            Ok(Some(payment)) => Ok(payment),
+            Ok(None) => Err(not_found().into()),
+            Err(e) => Err(e),
+        };
+        span.in_scope(|| log_refusal(&result));
+        result
+    }
+
+    /// Refunds a completed payment, once per payment ID.
+    #[handler(name = "RefundPayment")]
+    async fn refund_payment(
+        &self,
+        ctx: ObjectContext<'_>,
+        body: JsonBody<RefundPaymentBody>,
+    ) -> Result<Json<Refund>, TerminalError> {
+        let span = payment_span(ctx.key());
+        let result = self.refund(ctx, body).instrument(span.clone()).await;
+        span.in_scope(|| log_refusal(&result));
+        result.map(Json)
+    }
+}
+
+impl PaymentService {
+    async fn create(
+        &self,
+        ctx: ObjectContext<'_>,
+        body: JsonBody<CreatePaymentBody>,
+    ) -> Result<PaymentResult, TerminalError> {
+        // Bad input is refused before anything is read or written, duplicate or not.
+        let request = NewPayment::parse(body.as_bytes())?;
+        let id = PaymentId::parse(ctx.key())?;
+
+        let mut payment = match ctx.get::<Json<Payment>>(STATE_PAYMENT).await? {
+            Some(Json(stored)) if stored.status != PaymentStatus::Pending => {
+                info!(status = %stored.status, "payment already processed");
+                return Ok(PaymentResult::already_processed(&stored));
+            }
+            // Only an invocation stopped from outside (e.g. cancelled by an operator) leaves a
+            // payment pending. Charging again is safe: the key makes the gateway answer the
+            // first charge's result if there was one.
+            Some(Json(stored)) => {
+                warn!("resuming a pending payment");
+                stored
+            }
+            None => {
+                info!(
+                    amount = %request.amount,
+                    currency = %request.currency,
+                    customer_id = %request.customer_id,
+                    "creating payment"
+                );
+                let Json(created_at) = ctx
+                    .run(|| async { Ok(Json(Timestamp::now())) })
+                    .name("accept")
+                    .await?;
+                let pending = Payment::pending(&id, request, created_at);
+                ctx.set(STATE_PAYMENT, Json(pending.clone()));
+                pending
+            }
+        };
+
+        let outcome = self.charge(&ctx, &id, &payment).await;
+        payment.settle(outcome);
+        ctx.set(STATE_PAYMENT, Json(payment.clone()));
+
+        if payment.status == PaymentStatus::Completed {
+            info!(
+                charge_id = payment.charge_id.as_deref(),
+                "payment completed"
+            );
+            let customer_id = payment.customer_id.clone();
+            ctx.run(|| async move {
+                // In production: an e-mail through a provider that takes an idempotency key.
+                info!(%customer_id, "sending receipt");
+                Ok(())
+            })
+            .name("receipt")
+            .await?;
+        } else {
+            warn!(error = payment.error_msg.as_deref(), "payment failed");
+        }
+        Ok(PaymentResult::settled(&payment))
+    }
+
+    /// The charge, as one journaled step: its outcome is recorded once and replayed as recorded.
+    async fn charge(
+        &self,
+        ctx: &ObjectContext<'_>,
+        id: &PaymentId,
+        payment: &Payment,
+    ) -> ChargeOutcome {
+        let request = ChargeRequest {
+            idempotency_key: id.charge_key(),
+            payment_id: id.as_str().to_owned(),
+            amount: payment.amount.minor_units(),
+            currency: payment.currency.as_str().to_owned(),
+            customer_id: payment.customer_id.clone(),
+        };
+        let gateway = Arc::clone(&self.gateway);
+        let step = ctx
+            .run(|| async move {
+                info!(idempotency_key = %request.idempotency_key, "charging through the gateway");
+                match gateway.charge(request).await {
+                    Ok(ChargeResponse::Succeeded { charge_id }) => {
+                        Ok(Json(ChargeOutcome::Charged {
+                            charge_id,
+                            at: Timestamp::now(),
+                        }))
+                    }
+                    Ok(ChargeResponse::Declined { reason }) => {
+                        Ok(Json(ChargeOutcome::Declined { reason }))
+                    }
+                    Err(e) => Err(step_error(e)),
+                }
+            })
+            .name("charge")
+            .retry_policy(gateway_retry_policy())
+            .await;
+        match step {
+            Ok(Json(outcome)) => outcome,
+            // Retries exhausted (or a permanent gateway error): recorded in the journal like
+            // any result, so the payment fails the same way on every replay.
+            Err(e) => ChargeOutcome::Unavailable {
+                reason: e.message().to_owned(),
+            },
+        }
+    }
+
+    async fn refund(
+        &self,
+        ctx: ObjectContext<'_>,
+        body: JsonBody<RefundPaymentBody>,
+    ) -> Result<Refund, TerminalError> {
+        let request = RefundRequest::parse(body.as_bytes())?;
+
+        if let Some(Json(refund)) = ctx.get::<Json<Refund>>(STATE_REFUND).await? {
+            info!(refund_id = %refund.refund_id, "refund already processed");
+            return Ok(refund);
+        }
+        let Some(Json(mut payment)) = ctx.get::<Json<Payment>>(STATE_PAYMENT).await? else {
+            return Err(PaymentError::NotFound {
+                payment_id: ctx.key().to_owned(),
+            }
+            .into());
+        };
+        let amount = payment.refundable_amount(request.amount)?;
+        let charge_id = payment.charge_id.clone().unwrap_or_default();
+        let id = PaymentId::parse(&payment.payment_id)?;
+        info!(%amount, reason = %request.reason, "refunding payment");
+
+        let call = GatewayRefund {
+            idempotency_key: id.refund_key(),
+            payment_id: id.as_str().to_owned(),
+            charge_id,
+            amount: amount.minor_units(),
+        };
+        let gateway = Arc::clone(&self.gateway);
+        let step = ctx
+            .run(|| async move {
+                info!(idempotency_key = %call.idempotency_key, "refunding through the gateway");
+                match gateway.refund(call).await {
+                    Ok(response) => Ok(Json(RefundReceipt {
+                        refund_id: response.refund_id,
+                        at: Timestamp::now(),
+                    })),
+                    Err(e) => Err(step_error(e)),
+                }
+            })
+            .name("refund")
+            .retry_policy(gateway_retry_policy())
+            .await;
+        let receipt = match step {
+            Ok(Json(receipt)) => receipt,
+            // Nothing is stored: the payment stays completed and a later RefundPayment tries
+            // again, with the same key, so a refund the gateway did make is not made twice.
+            Err(e) => {
+                warn!(error = e.message(), "refund not processed");
+                return Err(TerminalError::new_with_code(
+                    503,
+                    format!("refund not processed, try again later: {}", e.message()),
+                ));
+            }
+        };
+
+        let refund = Refund::completed(receipt, amount, request.reason);
+        ctx.set(STATE_REFUND, Json(refund.clone()));
+        payment.mark_refunded();
+        ctx.set(STATE_PAYMENT, Json(payment));
+        info!(refund_id = %refund.refund_id, "refund completed");
+        Ok(refund)
+    }
+}
+
+/// Logs a refused request once, with its status code, so a 4xx is never silent.
+fn log_refusal<T>(result: &Result<T, TerminalError>) {
+    if let Err(e) = result {
+        info!(code = e.code(), reason = e.message(), "request refused");
+    }
+}
+
+/// A transient gateway error is retried by the step's policy; a permanent one ends the step.
+fn step_error(error: GatewayError) -> HandlerError {
+    match error {
+        GatewayError::Unavailable(_) => {
+            warn!(%error, "gateway call failed, will retry");
+            error.into()
+        }
+        GatewayError::Rejected(_) => TerminalError::new(error.to_string()).into(),
+    }
+}
