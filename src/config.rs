@@ -17,6 +17,12 @@ pub struct Config {
     #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0:9090")]
     pub bind: SocketAddr,
 
+    /// Restate request-identity public keys (`publickeyv1_…`, comma-separated). When set, only
+    /// requests signed by a Restate server holding a matching private key are served; others
+    /// get 401. Unset, any caller that reaches the port can invoke handlers.
+    #[arg(long, env = "IDENTITY_KEYS", value_delimiter = ',')]
+    pub identity_keys: Vec<String>,
+
     /// Mock gateway: milliseconds each call takes before the gateway acts.
     #[arg(long, env = "GATEWAY_DELAY_MS", default_value_t = 100)]
     pub gateway_delay_ms: u64,
@@ -38,6 +44,15 @@ pub struct Config {
     /// gateway remembers idempotency keys across restarts.
     #[arg(long, env = "GATEWAY_LEDGER")]
     pub gateway_ledger: Option<PathBuf>,
+
+    /// Mock gateway, fault injection, never in production: act on every call even when its
+    /// idempotency key is known. Only to show what the crash test finds without keys.
+    #[arg(
+        long,
+        env = "GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS",
+        default_value_t = false
+    )]
+    pub gateway_unsafe_ignore_idempotency_keys: bool,
 }
 
 impl Config {
@@ -48,6 +63,7 @@ impl Config {
             error_rate: self.gateway_error_rate,
             response_delay: Duration::from_millis(self.gateway_response_delay_ms),
             ledger: self.gateway_ledger.clone(),
+            ignore_idempotency_keys: self.gateway_unsafe_ignore_idempotency_keys,
         }
     }
 }
@@ -73,6 +89,18 @@ mod tests {
         assert_eq!(config.gateway_decline_rate, 0.1);
         assert_eq!(config.gateway_error_rate, 0.0);
         assert_eq!(config.gateway_ledger, None);
+        assert!(config.identity_keys.is_empty());
+    }
+
+    #[test]
+    fn identity_keys_are_comma_separated() {
+        let config = Config::try_parse_from([
+            "payment-service",
+            "--identity-keys",
+            "publickeyv1_a,publickeyv1_b",
+        ])
+        .unwrap();
+        assert_eq!(config.identity_keys, vec!["publickeyv1_a", "publickeyv1_b"]);
     }
 
     #[test]

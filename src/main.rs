@@ -21,12 +21,11 @@ async fn main() -> anyhow::Result<()> {
         gateway_decline_rate = config.gateway_decline_rate,
         "payment-service listening"
     );
-    server::serve(
-        listener,
-        server::endpoint(Arc::new(gateway)),
-        server::shutdown_signal(),
-    )
-    .await;
+    let endpoint = server::endpoint(Arc::new(gateway), &config.identity_keys)?;
+    if config.identity_keys.is_empty() {
+        tracing::info!("no identity keys: any caller that reaches this port can invoke handlers");
+    }
+    server::serve(listener, endpoint, server::shutdown_signal()).await;
     tracing::info!("payment-service stopped");
     Ok(())
 }

@@ -10,11 +10,19 @@ use tokio::net::TcpListener;
 use crate::gateway::PaymentGateway;
 use crate::service::PaymentService;
 
-/// The Restate endpoint with `PaymentService` bound to `gateway`.
-pub fn endpoint(gateway: Arc<dyn PaymentGateway>) -> Endpoint {
-    Endpoint::builder()
-        .bind(PaymentService::new(gateway))
-        .build()
+/// The Restate endpoint with `PaymentService` bound to `gateway`. With `identity_keys`, the
+/// endpoint serves only requests signed by a Restate server holding one of the private keys.
+pub fn endpoint(
+    gateway: Arc<dyn PaymentGateway>,
+    identity_keys: &[String],
+) -> anyhow::Result<Endpoint> {
+    let mut builder = Endpoint::builder().bind(PaymentService::new(gateway));
+    for key in identity_keys {
+        builder = builder
+            .identity_key(key)
+            .map_err(|e| anyhow::anyhow!("invalid identity key {key:?}: {e}"))?;
+    }
+    Ok(builder.build())
 }
 
 /// Serves `endpoint` on `listener` until `shutdown` completes, then lets in-flight requests

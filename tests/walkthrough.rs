@@ -165,17 +165,34 @@ fn sequential_duplicate_returns_the_same_result_and_charges_once() {
         assert_eq!(again["message"], "Payment already processed", "{again}");
     }
 
-    // A duplicate with a different body still answers with the stored payment.
-    let (status, changed) = app.create_payment(
+    // Only the description differs: still a retry, answered with the stored payment.
+    let (status, relabelled) = app.create_payment(
+        &id,
+        &json!({"amount": 4200, "currency": "EUR", "description": "other", "customerId": "cust-bob"}),
+    );
+    assert_eq!(status, 200, "{relabelled}");
+    assert_eq!(relabelled["chargeId"], charge_id.as_str(), "{relabelled}");
+    assert_eq!(
+        relabelled["message"], "Payment already processed",
+        "{relabelled}"
+    );
+
+    // Other money-moving fields: another payment under a taken ID, refused, nothing changed.
+    let (status, conflict) = app.create_payment(
         &id,
         &json!({"amount": 999, "currency": "USD", "description": "other", "customerId": "cust-eve"}),
     );
-    assert_eq!(status, 200, "{changed}");
-    assert_eq!(changed["chargeId"], charge_id.as_str(), "{changed}");
+    assert_eq!(status, 409, "{conflict}");
+    let message = conflict["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("different amount, currency, customerId"),
+        "{conflict}"
+    );
     let (_, payment) = app.get_payment(&id);
     assert_eq!(payment["amount"], 4200, "{payment}");
     assert_eq!(payment["currency"], "EUR", "{payment}");
     assert_eq!(payment["customerId"], "cust-bob", "{payment}");
+    assert_eq!(payment["description"], "Book", "{payment}");
 
     assert_ledger(&id, 4200, "succeeded", 0);
 }

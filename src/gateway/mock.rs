@@ -31,6 +31,9 @@ pub struct MockConfig {
     pub response_delay: Duration,
     /// Where to keep the audit ledger; without one, keys are remembered in memory only.
     pub ledger: Option<PathBuf>,
+    /// Fault injection, never for production: act on every call as if its key were new.
+    /// The crash test switches this on once to show that it then finds double charges.
+    pub ignore_idempotency_keys: bool,
 }
 
 impl Default for MockConfig {
@@ -41,6 +44,7 @@ impl Default for MockConfig {
             error_rate: 0.0,
             response_delay: Duration::ZERO,
             ledger: None,
+            ignore_idempotency_keys: false,
         }
     }
 }
@@ -59,6 +63,7 @@ struct Done {
 struct Book {
     done: HashMap<String, Done>,
     ledger: Option<Ledger>,
+    ignore_keys: bool,
 }
 
 /// The simulated gateway. Cheap to clone; clones share their memory of keys.
@@ -89,7 +94,13 @@ impl MockGateway {
             "error rate must be between 0 and 1, got {}",
             config.error_rate
         );
-        let mut book = Book::default();
+        let mut book = Book {
+            ignore_keys: config.ignore_idempotency_keys,
+            ..Book::default()
+        };
+        if book.ignore_keys {
+            tracing::warn!("gateway ignores idempotency keys: retried calls will charge again");
+        }
         if let Some(path) = &config.ledger {
             let (ledger, entries) = Ledger::open(path)?;
             for entry in entries.into_iter().filter(|e| !e.replay) {
@@ -150,7 +161,12 @@ impl Book {
         call: Call,
         act: impl FnOnce() -> (LedgerOutcome, Option<String>),
     ) -> Result<(Done, bool), GatewayError> {
-        let (done, replay) = match self.done.get(&call.key) {
+        let known = if self.ignore_keys {
+            None
+        } else {
+            self.done.get(&call.key)
+        };
+        let (done, replay) = match known {
             Some(done) if done.op != call.op || done.amount != call.amount => {
                 return Err(GatewayError::Rejected(format!(
                     "idempotency key {} was first used for a {:?} of {}, now for a {:?} of {}",
@@ -361,6 +377,18 @@ mod tests {
         let err = gw.charge(charge("charge:p", "cust", 1)).await.unwrap_err();
         assert!(matches!(err, GatewayError::Unavailable(_)));
         assert!(read_ledger(&path).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn ignoring_keys_charges_every_call() {
+        let gw = MockGateway::new(MockConfig {
+            ignore_idempotency_keys: true,
+            ..config(0.0)
+        })
+        .unwrap();
+        let first = gw.charge(charge("charge:p", "cust", 1)).await.unwrap();
+        let again = gw.charge(charge("charge:p", "cust", 1)).await.unwrap();
+        assert_ne!(first, again);
     }
 
     #[test]

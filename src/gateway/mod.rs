@@ -8,11 +8,13 @@
 
 mod ledger;
 mod mock;
+mod retry;
 
 use async_trait::async_trait;
 
 pub use ledger::{LedgerEntry, LedgerOp, LedgerOutcome, read_ledger};
 pub use mock::{DECLINE_CUSTOMER_PREFIX, MockConfig, MockGateway};
+pub use retry::{RetryPolicy, with_retries};
 
 /// A request to take money.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,6 +15,16 @@ pub enum PaymentError {
     /// No payment is stored under this payment ID.
     #[error("payment {payment_id} not found")]
     NotFound { payment_id: String },
+    /// The payment ID is already taken by a payment with other money-moving fields: the
+    /// request is another payment, not a retry of this one.
+    #[error(
+        "payment {payment_id} already exists with a different {}: a payment ID identifies one payment; use a new ID for a new payment",
+        fields.join(", ")
+    )]
+    Conflict {
+        payment_id: String,
+        fields: Vec<&'static str>,
+    },
     /// The payment exists but is in a status that forbids the operation.
     #[error(
         "cannot refund payment {payment_id} with status {status}: only completed payments can be refunded"

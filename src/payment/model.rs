@@ -3,7 +3,7 @@
 //! ```text
 //!   (none) ──create──▶ pending ──charge succeeded──▶ completed ──refund──▶ refunded
 //!                         │
-//!                         └──declined / gateway gave up──▶ failed   (final)
+//!                         └──declined / gateway gave no answer──▶ failed   (final)
 //! ```
 //!
 //! Everything here is plain data and pure functions: the Restate handlers decide nothing
@@ -83,8 +83,8 @@ pub enum ChargeOutcome {
     Charged { charge_id: String, at: Timestamp },
     /// The gateway refused the charge (e.g. "insufficient funds").
     Declined { reason: String },
-    /// The gateway could not give an answer within the retry budget.
-    Unavailable { reason: String },
+    /// The gateway gave no final word within the retry budget, or refused the request itself.
+    Failed { reason: String },
 }
 
 impl Payment {
@@ -113,14 +113,34 @@ impl Payment {
                 self.charge_id = Some(charge_id);
                 self.completed_at = Some(at);
             }
-            ChargeOutcome::Declined { reason } => {
+            ChargeOutcome::Declined { reason } | ChargeOutcome::Failed { reason } => {
                 self.status = PaymentStatus::Failed;
                 self.error_msg = Some(reason);
             }
-            ChargeOutcome::Unavailable { reason } => {
-                self.status = PaymentStatus::Failed;
-                self.error_msg = Some(format!("payment gateway unavailable: {reason}"));
-            }
+        }
+    }
+
+    /// Checks that `request` is a retry of this payment and not another payment under the same
+    /// ID: amount, currency and customer must match (they decide what money moves). The
+    /// description does not count: it is a label, and the stored one stays.
+    pub fn check_retry(&self, request: &NewPayment) -> Result<(), PaymentError> {
+        let mut fields = Vec::new();
+        if self.amount != request.amount {
+            fields.push("amount");
+        }
+        if self.currency != request.currency {
+            fields.push("currency");
+        }
+        if self.customer_id != request.customer_id {
+            fields.push("customerId");
+        }
+        if fields.is_empty() {
+            Ok(())
+        } else {
+            Err(PaymentError::Conflict {
+                payment_id: self.payment_id.clone(),
+                fields,
+            })
         }
     }
 
@@ -208,23 +228,26 @@ pub struct Refund {
     pub refunded_at: Timestamp,
 }
 
-/// What the refund step recorded.
+/// What the refund step settled on, recorded once like [`ChargeOutcome`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RefundReceipt {
-    pub refund_id: String,
-    pub at: Timestamp,
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum RefundOutcome {
+    #[serde(rename_all = "camelCase")]
+    Refunded { refund_id: String, at: Timestamp },
+    /// The gateway gave no final word within the retry budget: nothing is stored, and a
+    /// later `RefundPayment` tries again with the same idempotency key.
+    Failed { reason: String },
 }
 
 impl Refund {
-    pub fn completed(receipt: RefundReceipt, amount: Amount, reason: String) -> Self {
+    pub fn completed(refund_id: String, at: Timestamp, amount: Amount, reason: String) -> Self {
         Self {
-            refund_id: receipt.refund_id,
+            refund_id,
             status: RefundStatus::Completed,
             amount,
             message: MSG_REFUNDED.to_owned(),
             reason,
-            refunded_at: receipt.at,
+            refunded_at: at,
         }
     }
 }
@@ -286,11 +309,11 @@ mod tests {
     #[test]
     fn unavailable_gateway_fails_saying_why() {
         let mut p = pending(10000);
-        p.settle(ChargeOutcome::Unavailable {
-            reason: "timed out after 5 attempts".into(),
+        p.settle(ChargeOutcome::Failed {
+            reason: "gateway unavailable: timeout (gave up after 5 attempts)".into(),
         });
         assert_eq!(p.status, PaymentStatus::Failed);
-        assert!(p.error_msg.unwrap().contains("timed out after 5 attempts"));
+        assert!(p.error_msg.unwrap().contains("gave up after 5 attempts"));
     }
 
     #[test]
@@ -300,6 +323,36 @@ mod tests {
         assert_eq!(r.message, MSG_ALREADY_PROCESSED);
         assert_eq!(r.charge_id.as_deref(), Some("ch_1"));
         assert_eq!(r.status, PaymentStatus::Completed);
+    }
+
+    #[test]
+    fn a_retry_must_match_what_moves_money() {
+        let p = completed(10000);
+        assert_eq!(p.check_retry(&request(10000)), Ok(()));
+        let relabelled = NewPayment {
+            description: "another label".into(),
+            ..request(10000)
+        };
+        assert_eq!(p.check_retry(&relabelled), Ok(()));
+
+        let other = NewPayment {
+            currency: Currency::parse("EUR").unwrap(),
+            customer_id: "cust-eve".into(),
+            ..request(999)
+        };
+        let err = p.check_retry(&other).unwrap_err();
+        assert_eq!(
+            err,
+            PaymentError::Conflict {
+                payment_id: "payment-001".into(),
+                fields: vec!["amount", "currency", "customerId"],
+            }
+        );
+        assert!(
+            err.to_string()
+                .contains("different amount, currency, customerId"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! State read back from Restate is checked again on the way in (`serde(try_from)`), so a value
 //! written by an older or buggy version cannot slip through unnoticed.
 
+use std::borrow::Cow;
 use std::fmt;
 
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -61,10 +62,23 @@ impl fmt::Display for Amount {
 }
 
 /// An ISO 4217-style currency code: exactly three upper-case ASCII letters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-#[schemars(with = "String")]
 pub struct Currency(String);
+
+impl JsonSchema for Currency {
+    fn schema_name() -> Cow<'static, str> {
+        "Currency".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "ISO 4217 currency code, three upper-case letters.",
+            "type": "string",
+            "pattern": "^[A-Z]{3}$",
+        })
+    }
+}
 
 impl Currency {
     /// The seed's default when the request names no currency.

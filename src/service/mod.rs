@@ -22,17 +22,17 @@
 mod body;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use restate_sdk::prelude::*;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::gateway::{
-    ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest as GatewayRefund,
+    ChargeRequest, ChargeResponse, PaymentGateway, RefundRequest as GatewayRefund, RetryPolicy,
+    with_retries,
 };
 use crate::payment::{
     ChargeOutcome, CreatePaymentBody, NewPayment, NoInput, Payment, PaymentError, PaymentId,
-    PaymentResult, PaymentStatus, Refund, RefundPaymentBody, RefundReceipt, RefundRequest,
+    PaymentResult, PaymentStatus, Refund, RefundOutcome, RefundPaymentBody, RefundRequest,
     Timestamp,
 };
 
@@ -43,20 +43,6 @@ pub const STATE_PAYMENT: &str = "payment";
 /// State key of the stored [`Refund`].
 pub const STATE_REFUND: &str = "refund";
 
-/// Attempts of one gateway step (the first included) before the gateway is deemed unavailable.
-pub const GATEWAY_MAX_ATTEMPTS: u32 = 5;
-
-/// The retry policy of the gateway steps: transient errors are retried, with backoff, with
-/// the same idempotency key, a bounded number of times. Unbounded, a dead gateway would leave
-/// the payment `pending` and the client waiting forever.
-fn gateway_retry_policy() -> RunRetryPolicy {
-    RunRetryPolicy::new()
-        .initial_delay(Duration::from_millis(100))
-        .exponentiation_factor(2.0)
-        .max_delay(Duration::from_secs(2))
-        .max_attempts(GATEWAY_MAX_ATTEMPTS)
-}
-
 /// The one mapping from domain errors to what the client sees. Terminal: a business error is
 /// the same on every retry, so Restate must not retry it.
 impl From<PaymentError> for TerminalError {
@@ -64,13 +50,18 @@ impl From<PaymentError> for TerminalError {
         let code = match &error {
             PaymentError::InvalidRequest(_) => 400,
             PaymentError::NotFound { .. } => 404,
-            PaymentError::NotRefundable { .. } => 409,
+            PaymentError::Conflict { .. } | PaymentError::NotRefundable { .. } => 409,
         };
         TerminalError::new_with_code(code, error.to_string())
     }
 }
 
 /// The payment service: one virtual object per payment ID.
+///
+/// `CreatePayment` and `RefundPayment` keep the answers of requests sent with an
+/// `idempotency-key` header for 7 days (Restate's default is 1 day; Stripe keeps keys 24 hours):
+/// long enough for a client's retry queue to drain over a weekend. The payment itself is
+/// deduplicated by its ID for as long as it is stored, key or no key.
 pub struct PaymentService {
     gateway: Arc<dyn PaymentGateway>,
 }
@@ -89,7 +80,7 @@ fn payment_span(key: &str) -> tracing::Span {
 #[restate_sdk::object(name = "PaymentService")]
 impl PaymentService {
     /// Creates and charges a payment, once per payment ID.
-    #[handler(name = "CreatePayment")]
+    #[handler(name = "CreatePayment", idempotency_retention = "7 days")]
     async fn create_payment(
         &self,
         ctx: ObjectContext<'_>,
@@ -122,7 +113,7 @@ impl PaymentService {
     }
 
     /// Refunds a completed payment, once per payment ID.
-    #[handler(name = "RefundPayment")]
+    #[handler(name = "RefundPayment", idempotency_retention = "7 days")]
     async fn refund_payment(
         &self,
         ctx: ObjectContext<'_>,
@@ -145,7 +136,11 @@ impl PaymentService {
         let request = NewPayment::parse(body.as_bytes())?;
         let id = PaymentId::parse(ctx.key())?;
 
-        let mut payment = match ctx.get::<Json<Payment>>(STATE_PAYMENT).await? {
+        let stored = ctx.get::<Json<Payment>>(STATE_PAYMENT).await?;
+        if let Some(Json(stored)) = &stored {
+            stored.check_retry(&request)?;
+        }
+        let mut payment = match stored {
             Some(Json(stored)) if stored.status != PaymentStatus::Pending => {
                 info!(status = %stored.status, "payment already processed");
                 return Ok(PaymentResult::already_processed(&stored));
@@ -174,7 +169,7 @@ impl PaymentService {
             }
         };
 
-        let outcome = self.charge(&ctx, &id, &payment).await;
+        let outcome = self.charge(&ctx, &id, &payment).await?;
         payment.settle(outcome);
         ctx.set(STATE_PAYMENT, Json(payment.clone()));
 
@@ -203,7 +198,7 @@ impl PaymentService {
         ctx: &ObjectContext<'_>,
         id: &PaymentId,
         payment: &Payment,
-    ) -> ChargeOutcome {
+    ) -> Result<ChargeOutcome, TerminalError> {
         let request = ChargeRequest {
             idempotency_key: id.charge_key(),
             payment_id: id.as_str().to_owned(),
@@ -212,33 +207,27 @@ impl PaymentService {
             customer_id: payment.customer_id.clone(),
         };
         let gateway = Arc::clone(&self.gateway);
-        let step = ctx
+        // The step never fails: a gateway that gives no final word within the retry budget
+        // is an outcome too, recorded like any other, so replays settle the payment the same way.
+        let Json(outcome) = ctx
             .run(|| async move {
                 info!(idempotency_key = %request.idempotency_key, "charging through the gateway");
-                match gateway.charge(request).await {
-                    Ok(ChargeResponse::Succeeded { charge_id }) => {
-                        Ok(Json(ChargeOutcome::Charged {
-                            charge_id,
-                            at: Timestamp::now(),
-                        }))
-                    }
-                    Ok(ChargeResponse::Declined { reason }) => {
-                        Ok(Json(ChargeOutcome::Declined { reason }))
-                    }
-                    Err(e) => Err(step_error(e)),
-                }
+                let response =
+                    with_retries(RetryPolicy::default(), || gateway.charge(request.clone())).await;
+                Ok(Json(match response {
+                    Ok(ChargeResponse::Succeeded { charge_id }) => ChargeOutcome::Charged {
+                        charge_id,
+                        at: Timestamp::now(),
+                    },
+                    Ok(ChargeResponse::Declined { reason }) => ChargeOutcome::Declined { reason },
+                    Err(e) => ChargeOutcome::Failed {
+                        reason: e.to_string(),
+                    },
+                }))
             })
             .name("charge")
-            .retry_policy(gateway_retry_policy())
-            .await;
-        match step {
-            Ok(Json(outcome)) => outcome,
-            // Retries exhausted (or a permanent gateway error): recorded in the journal like
-            // any result, so the payment fails the same way on every replay.
-            Err(e) => ChargeOutcome::Unavailable {
-                reason: e.message().to_owned(),
-            },
-        }
+            .await?;
+        Ok(outcome)
     }
 
     async fn refund(
@@ -270,34 +259,37 @@ impl PaymentService {
             amount: amount.minor_units(),
         };
         let gateway = Arc::clone(&self.gateway);
-        let step = ctx
+        let Json(outcome) = ctx
             .run(|| async move {
                 info!(idempotency_key = %call.idempotency_key, "refunding through the gateway");
-                match gateway.refund(call).await {
-                    Ok(response) => Ok(Json(RefundReceipt {
-                        refund_id: response.refund_id,
+                let response =
+                    with_retries(RetryPolicy::default(), || gateway.refund(call.clone())).await;
+                Ok(Json(match response {
+                    Ok(r) => RefundOutcome::Refunded {
+                        refund_id: r.refund_id,
                         at: Timestamp::now(),
-                    })),
-                    Err(e) => Err(step_error(e)),
-                }
+                    },
+                    Err(e) => RefundOutcome::Failed {
+                        reason: e.to_string(),
+                    },
+                }))
             })
             .name("refund")
-            .retry_policy(gateway_retry_policy())
-            .await;
-        let receipt = match step {
-            Ok(Json(receipt)) => receipt,
+            .await?;
+        let (refund_id, refunded_at) = match outcome {
+            RefundOutcome::Refunded { refund_id, at } => (refund_id, at),
             // Nothing is stored: the payment stays completed and a later RefundPayment tries
             // again, with the same key, so a refund the gateway did make is not made twice.
-            Err(e) => {
-                warn!(error = e.message(), "refund not processed");
+            RefundOutcome::Failed { reason } => {
+                warn!(%reason, "refund not processed");
                 return Err(TerminalError::new_with_code(
                     503,
-                    format!("refund not processed, try again later: {}", e.message()),
+                    format!("refund not processed, try again later: {reason}"),
                 ));
             }
         };
 
-        let refund = Refund::completed(receipt, amount, request.reason);
+        let refund = Refund::completed(refund_id, refunded_at, amount, request.reason);
         ctx.set(STATE_REFUND, Json(refund.clone()));
         payment.mark_refunded();
         ctx.set(STATE_PAYMENT, Json(payment));
@@ -310,16 +302,5 @@ impl PaymentService {
 fn log_refusal<T>(result: &Result<T, TerminalError>) {
     if let Err(e) = result {
         info!(code = e.code(), reason = e.message(), "request refused");
-    }
-}
-
-/// A transient gateway error is retried by the step's policy; a permanent one ends the step.
-fn step_error(error: GatewayError) -> HandlerError {
-    match error {
-        GatewayError::Unavailable(_) => {
-            warn!(%error, "gateway call failed, will retry");
-            error.into()
-        }
-        GatewayError::Rejected(_) => TerminalError::new(error.to_string()).into(),
     }
 }
