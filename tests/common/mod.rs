@@ -23,9 +23,14 @@
 //! (as the server sees it) is registered with `force`, and the tests run
 //! against that stack. `PAYMENT_TEST_LEDGER` optionally names the gateway
 //! ledger file; without it, ledger assertions are skipped.
+//!
+//! [`owned::OwnedStack`] is a stack owned by one test instead of the shared
+//! one, whose server and service can be SIGKILLed and restarted in place (the
+//! crash test).
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod owned;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -154,6 +159,22 @@ impl TestApp {
     /// `POST /PaymentService/<id>/<handler>` with a JSON body.
     pub fn call(&self, id: &str, handler: &str, body: &Value) -> (u16, Value) {
         self.call_raw(id, handler, Some(body.to_string()))
+    }
+
+    /// [`Self::call`] that reports a failed request (refused, reset, timed
+    /// out) instead of panicking, e.g. while the server is restarting.
+    pub fn try_call(&self, id: &str, handler: &str, body: &Value) -> Result<(u16, Value), String> {
+        let url = format!("{}/{SERVICE}/{id}/{handler}", self.ingress);
+        let resp = self
+            .client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().map_err(|e| format!("POST {url}: {e}"))?;
+        Ok((status, parse_body(&text)))
     }
 
     /// Same with a raw body (`None`: no body and no content-type at all).
@@ -378,7 +399,7 @@ fn start() -> anyhow::Result<TestApp> {
         return start_external(ingress, admin, service_url);
     }
     process::install_exit_hook();
-    process::on_keeper_thread(start_local)
+    start_local()
 }
 
 fn start_external(ingress: String, admin: String, service_url: String) -> anyhow::Result<TestApp> {
@@ -405,7 +426,8 @@ fn start_external(ingress: String, admin: String, service_url: String) -> anyhow
     Ok(app)
 }
 
-/// Runs on the keeper thread: starts restate-server and the service.
+/// Starts restate-server and the service (their spawns happen on the
+/// harness's spawner thread, see [`process::spawn_logged`]).
 fn start_local() -> anyhow::Result<TestApp> {
     let dir = process::temp_dir().context("creating the temp dir")?;
     let probe = http_client(Duration::from_secs(2))?;
@@ -478,50 +500,92 @@ fn server_binary() -> PathBuf {
     candidates.into_iter().find(|p| p.is_file()).unwrap_or(bin)
 }
 
-fn start_server(dir: &Path, probe: &Client) -> anyhow::Result<(String, String)> {
+/// The ports of one restate-server: kept across restarts, so that a killed
+/// server comes back where the clients and the service expect it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ServerPorts {
+    ingress: u16,
+    admin: u16,
+    node: u16,
+}
+
+impl ServerPorts {
+    fn free() -> std::io::Result<Self> {
+        Ok(Self {
+            ingress: process::free_port()?,
+            admin: process::free_port()?,
+            node: process::free_port()?,
+        })
+    }
+
+    fn ingress_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ingress)
+    }
+
+    fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+}
+
+/// The restate-server binary, checked to exist.
+fn checked_server_binary() -> anyhow::Result<PathBuf> {
     let bin = server_binary();
     anyhow::ensure!(
         bin.exists(),
         "restate-server not found at {} (set RESTATE_SERVER_BIN or install it under scripts/restate)",
         bin.display()
     );
+    Ok(bin)
+}
+
+/// Spawns restate-server with its data in `base_dir`, listening on `ports`
+/// (with `<manifest>/restate/restate.toml` if present); returns its pid.
+fn spawn_server(
+    bin: &Path,
+    base_dir: &Path,
+    ports: ServerPorts,
+    log: &Path,
+) -> anyhow::Result<u32> {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("restate/restate.toml");
+    let mut cmd = Command::new(bin);
+    cmd.arg("--base-dir").arg(base_dir).arg("--no-logo");
+    if config.is_file() {
+        cmd.arg("--config-file").arg(&config);
+    }
+    cmd.env(
+        "RESTATE_INGRESS__BIND_ADDRESS",
+        format!("127.0.0.1:{}", ports.ingress),
+    )
+    .env(
+        "RESTATE_ADMIN__BIND_ADDRESS",
+        format!("127.0.0.1:{}", ports.admin),
+    )
+    .env("RESTATE_BIND_ADDRESS", format!("127.0.0.1:{}", ports.node))
+    .env("RESTATE_LOG_DISABLE_ANSI_CODES", "true");
+    process::spawn_logged(cmd, log).with_context(|| format!("spawning {}", bin.display()))
+}
+
+/// Waits until the server `pid` is healthy on its admin and ingress ports.
+fn wait_server(probe: &Client, pid: u32, ports: ServerPorts) -> anyhow::Result<()> {
+    let (admin, ingress) = (ports.admin_url(), ports.ingress_url());
+    wait_until(SERVER_READY_TIMEOUT, "restate-server to be healthy", || {
+        if let Some(status) = process::exited(pid) {
+            bail!("restate-server exited early ({status})");
+        }
+        Ok(healthy(probe, &admin, &ingress))
+    })
+}
+
+fn start_server(dir: &Path, probe: &Client) -> anyhow::Result<(String, String)> {
+    let bin = checked_server_binary()?;
     let log = dir.join("restate-server.log");
     let mut last_error = None;
     for attempt in 1..=START_ATTEMPTS {
-        let (ingress_port, admin_port, node_port) = (
-            process::free_port()?,
-            process::free_port()?,
-            process::free_port()?,
-        );
+        let ports = ServerPorts::free()?;
         let base_dir = dir.join(format!("restate-data-{attempt}"));
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--base-dir").arg(&base_dir).arg("--no-logo");
-        if config.is_file() {
-            cmd.arg("--config-file").arg(&config);
-        }
-        cmd.env(
-            "RESTATE_INGRESS__BIND_ADDRESS",
-            format!("127.0.0.1:{ingress_port}"),
-        )
-        .env(
-            "RESTATE_ADMIN__BIND_ADDRESS",
-            format!("127.0.0.1:{admin_port}"),
-        )
-        .env("RESTATE_BIND_ADDRESS", format!("127.0.0.1:{node_port}"))
-        .env("RESTATE_LOG_DISABLE_ANSI_CODES", "true");
-        let pid = process::spawn_logged(cmd, &log)
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let ingress = format!("http://127.0.0.1:{ingress_port}");
-        let admin = format!("http://127.0.0.1:{admin_port}");
-        let ready = wait_until(SERVER_READY_TIMEOUT, "restate-server to be healthy", || {
-            if let Some(status) = process::exited(pid) {
-                bail!("restate-server exited early ({status})");
-            }
-            Ok(healthy(probe, &admin, &ingress))
-        });
-        match ready {
-            Ok(()) => return Ok((ingress, admin)),
+        let pid = spawn_server(&bin, &base_dir, ports, &log)?;
+        match wait_server(probe, pid, ports) {
+            Ok(()) => return Ok((ports.ingress_url(), ports.admin_url())),
             Err(e) => {
                 eprintln!("restate-server start attempt {attempt} failed: {e:#}");
                 process::stop(pid);
@@ -537,35 +601,51 @@ fn start_server(dir: &Path, probe: &Client) -> anyhow::Result<(String, String)> 
         )))
 }
 
+/// The payment-service binary.
+fn service_binary() -> String {
+    env_nonempty("PAYMENT_SERVICE_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_payment-service").to_owned())
+}
+
+/// The service command, listening on `addr` with its gateway ledger at
+/// `ledger` and `RUST_LOG` (default `info`); callers add the gateway's settings.
+fn service_command(bin: &str, addr: SocketAddr, ledger: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--bind")
+        .arg(addr.to_string())
+        .env_remove("BIND_ADDR")
+        .env("GATEWAY_LEDGER", ledger)
+        .env(
+            "RUST_LOG",
+            env_nonempty("RUST_LOG").unwrap_or_else(|| "info".into()),
+        );
+    cmd
+}
+
+/// Waits until the service `pid` accepts connections on `addr`.
+fn wait_service(pid: u32, addr: SocketAddr) -> anyhow::Result<()> {
+    wait_until(SERVICE_READY_TIMEOUT, "payment-service to listen", || {
+        if let Some(status) = process::exited(pid) {
+            bail!("payment-service exited early ({status})");
+        }
+        Ok(process::tcp_accepts(addr))
+    })
+}
+
 /// Starts payment-service; returns its URL, pid and ledger path.
 fn start_service(dir: &Path) -> anyhow::Result<(String, u32, PathBuf)> {
-    let bin = env_nonempty("PAYMENT_SERVICE_BIN")
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_payment-service").to_owned());
+    let bin = service_binary();
     let ledger = dir.join("gateway-ledger.jsonl");
     let log = dir.join("payment-service.log");
     let mut last_error = None;
     for attempt in 1..=START_ATTEMPTS {
         let port = process::free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--bind")
-            .arg(addr.to_string())
-            .env_remove("BIND_ADDR")
-            .env("GATEWAY_DELAY_MS", "5")
-            .env("GATEWAY_DECLINE_RATE", "0")
-            .env("GATEWAY_LEDGER", &ledger)
-            .env(
-                "RUST_LOG",
-                env_nonempty("RUST_LOG").unwrap_or_else(|| "info".into()),
-            );
+        let mut cmd = service_command(&bin, addr, &ledger);
+        cmd.env("GATEWAY_DELAY_MS", "5")
+            .env("GATEWAY_DECLINE_RATE", "0");
         let pid = process::spawn_logged(cmd, &log).with_context(|| format!("spawning {bin}"))?;
-        let ready = wait_until(SERVICE_READY_TIMEOUT, "payment-service to listen", || {
-            if let Some(status) = process::exited(pid) {
-                bail!("payment-service exited early ({status})");
-            }
-            Ok(process::tcp_accepts(addr))
-        });
-        match ready {
+        match wait_service(pid, addr) {
             Ok(()) => return Ok((format!("http://{addr}"), pid, ledger)),
             Err(e) => {
                 eprintln!("payment-service start attempt {attempt} failed: {e:#}");

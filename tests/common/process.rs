@@ -1,10 +1,12 @@
 //! Child-process plumbing for the local test stack: free ports, log capture,
-//! a keeper thread that owns the children, and cleanup at process exit.
+//! a spawner thread that owns the children, and cleanup at process exit.
 //!
 //! Children never outlive the test binary:
-//! * they are spawned from a dedicated keeper thread that never returns, with
-//!   `PR_SET_PDEATHSIG = SIGKILL` (the signal fires when the *spawning thread*
-//!   dies, i.e. when the test process dies, even on SIGKILL);
+//! * they are spawned from one dedicated spawner thread that never returns
+//!   (whichever thread calls [`spawn_logged`]), with `PR_SET_PDEATHSIG =
+//!   SIGKILL` (the signal fires when the *spawning thread* dies, i.e. when the
+//!   test process dies, even on SIGKILL); so a child can be (re)started from
+//!   any thread, e.g. by a crash test restarting what it just killed;
 //! * each child leads its own process group, and an `atexit` hook sends
 //!   SIGTERM to every group (then SIGKILL after a grace period), reaps the
 //!   children and removes the temporary directory (kept when
@@ -15,40 +17,21 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Children spawned by the harness, reaped by [`cleanup_at_exit`].
 static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
 /// Temporary directories to remove at exit.
 static TEMP_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Set by [`keep_temp_dirs`]: the exit hook leaves the temporary directories.
+static KEEP_TEMP_DIRS: AtomicBool = AtomicBool::new(false);
 
 /// How long the exit hook waits for SIGTERM to work before SIGKILL.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
-
-/// Runs `f` on a thread that lives until the process exits, so that children
-/// spawned inside `f` (with [`spawn_logged`]) keep their parent thread alive;
-/// returns what `f` returned.
-pub fn on_keeper_thread<T, F>(f: F) -> T
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("test-stack-keeper".into())
-        .spawn(move || {
-            let _ = tx.send(f());
-            // The PDEATHSIG of our children is tied to this thread: never exit.
-            loop {
-                std::thread::park();
-            }
-        })
-        .expect("spawn keeper thread");
-    rx.recv()
-        .expect("keeper thread died while starting the stack")
-}
 
 /// Registers the exit hook once (idempotent).
 pub fn install_exit_hook() {
@@ -74,9 +57,59 @@ pub fn temp_dir() -> io::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Keeps the temporary directories at exit (e.g. after a failed crash run,
+/// for the logs, the ledger and the server's data), as `PAYMENT_TEST_KEEP_TMP`
+/// does.
+pub fn keep_temp_dirs() {
+    KEEP_TEMP_DIRS.store(true, Ordering::SeqCst);
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+thread_local! {
+    static ON_SPAWNER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` on the spawner thread, a thread that lives until the process
+/// exits (children's PDEATHSIG is tied to it), and returns what `f` returned.
+fn on_spawner<T, F>(f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    static SPAWNER: OnceLock<Sender<Job>> = OnceLock::new();
+    if ON_SPAWNER.with(std::cell::Cell::get) {
+        return f();
+    }
+    let jobs = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("test-stack-spawner".into())
+            .spawn(move || {
+                ON_SPAWNER.with(|on| on.set(true));
+                for job in rx {
+                    job();
+                }
+                // Unreachable (the sender is a static), but never exit: see above.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("spawn the spawner thread");
+        tx
+    });
+    let (tx, rx) = mpsc::channel();
+    jobs.send(Box::new(move || {
+        let _ = tx.send(f());
+    }))
+    .expect("the spawner thread is gone");
+    rx.recv().expect("the spawner thread died")
+}
+
 /// Spawns `cmd` with stdout and stderr appended to `log`, in its own process
-/// group, killed by the kernel if the spawning thread dies. Must be called
-/// on the keeper thread. Returns the child's pid.
+/// group, killed by the kernel if the test process dies. Callable from any
+/// thread (the spawn itself happens on the spawner thread). Returns the
+/// child's pid.
 pub fn spawn_logged(mut cmd: Command, log: &Path) -> io::Result<u32> {
     let out = File::options().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
@@ -100,7 +133,7 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> io::Result<u32> {
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
+    let child = on_spawner(move || cmd.spawn())?;
     let pid = child.id();
     CHILDREN
         .lock()
@@ -123,6 +156,24 @@ pub fn stop(pid: u32) {
         let mut child = children.remove(pos);
         terminate(std::slice::from_mut(&mut child));
     }
+}
+
+/// Crashes one child: SIGKILL to its process group, no grace, then reaps it.
+/// Returns how it ended, or `None` if `pid` is not a child of ours.
+pub fn kill(pid: u32) -> Option<ExitStatus> {
+    let mut child = {
+        let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+        let pos = children.iter().position(|c| c.id() == pid)?;
+        children.remove(pos)
+    };
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    // SAFETY: plain kill(2) on the child's own process group (setpgid in pre_exec).
+    unsafe {
+        libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+    }
+    child.wait().ok()
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -193,7 +244,8 @@ extern "C" fn cleanup_at_exit() {
             terminate(&mut children);
             children.clear();
         }
-        let keep = std::env::var_os("PAYMENT_TEST_KEEP_TMP").is_some();
+        let keep = std::env::var_os("PAYMENT_TEST_KEEP_TMP").is_some()
+            || KEEP_TEMP_DIRS.load(Ordering::SeqCst);
         if let Ok(dirs) = TEMP_DIRS.try_lock() {
             for dir in dirs.iter() {
                 if keep {
