@@ -539,12 +539,14 @@ fn checked_server_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// Spawns restate-server with its data in `base_dir`, listening on `ports`
-/// (with `<manifest>/restate/restate.toml` if present); returns its pid.
+/// (with `<manifest>/restate/restate.toml` if present, and `extra_env` added to
+/// its environment); returns its pid.
 fn spawn_server(
     bin: &Path,
     base_dir: &Path,
     ports: ServerPorts,
     log: &Path,
+    extra_env: &[(String, String)],
 ) -> anyhow::Result<u32> {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("restate/restate.toml");
     let mut cmd = Command::new(bin);
@@ -561,7 +563,8 @@ fn spawn_server(
         format!("127.0.0.1:{}", ports.admin),
     )
     .env("RESTATE_BIND_ADDRESS", format!("127.0.0.1:{}", ports.node))
-    .env("RESTATE_LOG_DISABLE_ANSI_CODES", "true");
+    .env("RESTATE_LOG_DISABLE_ANSI_CODES", "true")
+    .envs(extra_env.iter().map(|(k, v)| (k, v)));
     process::spawn_logged(cmd, log).with_context(|| format!("spawning {}", bin.display()))
 }
 
@@ -583,7 +586,7 @@ fn start_server(dir: &Path, probe: &Client) -> anyhow::Result<(String, String)> 
     for attempt in 1..=START_ATTEMPTS {
         let ports = ServerPorts::free()?;
         let base_dir = dir.join(format!("restate-data-{attempt}"));
-        let pid = spawn_server(&bin, &base_dir, ports, &log)?;
+        let pid = spawn_server(&bin, &base_dir, ports, &log, &[])?;
         match wait_server(probe, pid, ports) {
             Ok(()) => return Ok((ports.ingress_url(), ports.admin_url())),
             Err(e) => {

@@ -40,6 +40,7 @@ pub struct OwnedStack {
     service_bin: String,
     service_addr: SocketAddr,
     service_env: Vec<(String, String)>,
+    server_env: Vec<(String, String)>,
     ledger: PathBuf,
     server_pid: Mutex<Option<u32>>,
     service_pid: Mutex<Option<u32>>,
@@ -51,6 +52,21 @@ impl OwnedStack {
     /// service's environment, e.g. the gateway's settings), registers the
     /// service and waits until the ingress knows it.
     pub fn start(service_env: &[(&str, String)]) -> anyhow::Result<Self> {
+        Self::start_with(&[], service_env)
+    }
+
+    /// [`Self::start`], with `server_env` added to restate-server's environment
+    /// (e.g. a request-identity signing key).
+    pub fn start_with(
+        server_env: &[(&str, String)],
+        service_env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let owned = |env: &[(&str, String)]| -> Vec<(String, String)> {
+            env.iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect()
+        };
+        let (server_env, service_env) = (owned(server_env), owned(service_env));
         process::install_exit_hook();
         let dir = process::temp_dir().context("creating the temp dir")?;
         let probe = http_client(Duration::from_secs(2))?;
@@ -63,7 +79,13 @@ impl OwnedStack {
         let mut started = None;
         for attempt in 1..=START_ATTEMPTS {
             let ports = ServerPorts::free()?;
-            let pid = spawn_server(&server_bin, &base_dir, ports, &dir.join(SERVER_LOG))?;
+            let pid = spawn_server(
+                &server_bin,
+                &base_dir,
+                ports,
+                &dir.join(SERVER_LOG),
+                &server_env,
+            )?;
             match wait_server(&probe, pid, ports) {
                 Ok(()) => {
                     started = Some((ports, pid));
@@ -97,10 +119,8 @@ impl OwnedStack {
             ports,
             service_bin: service_binary(),
             service_addr,
-            service_env: service_env
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                .collect(),
+            service_env,
+            server_env,
             ledger,
             server_pid: Mutex::new(Some(server_pid)),
             service_pid: Mutex::new(None),
@@ -186,7 +206,13 @@ impl OwnedStack {
         anyhow::ensure!(slot.is_none(), "restate-server is already running");
         let began = Instant::now();
         let log = self.dir.join(SERVER_LOG);
-        let pid = spawn_server(&self.server_bin, &self.base_dir, self.ports, &log)?;
+        let pid = spawn_server(
+            &self.server_bin,
+            &self.base_dir,
+            self.ports,
+            &log,
+            &self.server_env,
+        )?;
         if let Err(e) = wait_server(&self.probe, pid, self.ports) {
             process::kill(pid);
             return Err(e.context(format!("--- {SERVER_LOG} ---\n{}", process::tail(&log, 60))));
