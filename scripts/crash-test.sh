@@ -16,6 +16,10 @@
 #   --recovery-timeout S   how long the system may take to settle (default 180)
 #   --keep                 keep the temp dir (logs, ledger, data) even on success
 #   --small                the small run CI does instead (`cargo test` runs it)
+#   --cluster              on a local three-node Restate cluster (replication 2): load
+#                          across the three ingresses, SIGKILL + restart of one node at a
+#                          time besides the service kills; 30 s of kills, 3 node kills
+#                          (one per node) by default, --server-kills N for more
 #
 # GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS=1 switches off the gateway's key
 # check: the run must then fail with double charges. On a failure the temp dir

@@ -5,6 +5,7 @@
 //! cargo test --test crash                                   # small run (CI)
 //! cargo test --release --test crash -- --full               # full run (scripts/crash-test.sh)
 //! cargo test --release --test crash -- --full --seed 42     # replay a schedule
+//! cargo test --release --test crash -- --full --cluster     # on a three-node cluster
 //! ```
 //!
 //! A real restate-server and the service run as separate processes ([`OwnedStack`]); the mock
@@ -30,17 +31,26 @@
 //! and the kill schedule) comes from the seed, printed at start; interleavings are up to the
 //! machine, so a replay repeats the schedule, not every race.
 //!
+//! `--cluster` runs the same on a three-node Restate cluster ([`OwnedCluster`], replication 2):
+//! every client call picks one of the three ingresses (from the seed) and a retry goes to the
+//! next ingress that is up; the faults are the service kills plus SIGKILL and restart of one
+//! node at a time (never two down at once: the next node kill waits until the last node killed
+//! runs invocations again), on a thread of their own, so that the service may be killed while a
+//! node is down. The settling and the audit's SQL need every node's admin API to give the same
+//! answer, so that a node that is behind cannot make the run look settled.
+//!
 //! This binary has its own `main` (`harness = false`); `--help` lists its options.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use common::cluster::{self, OwnedCluster};
 use common::owned::OwnedStack;
 use common::{LedgerEntry, process, sql_str};
 use rand::rngs::StdRng;
@@ -54,10 +64,14 @@ usage: cargo test [--release] --test crash -- [options]
 
   (no option)              the small run, as CI runs it
   --full                   the full run: 240 payments, 20 s of kills, 2 server kills
+  --cluster                on a three-node Restate cluster (replication 2), load across the
+                           three ingresses, SIGKILL + restart of one node at a time; full: 240
+                           payments, 30 s of kills, 3 node kills (one per node); small: 40
+                           payments, 8 s, 1 node kill
   --seed N                 replay a schedule (default: a random seed, printed)
   --payments N             number of payment IDs
   --duration S             seconds of kills (the service every 1-2 s)
-  --server-kills N         restate-server kills during that time
+  --server-kills N         restate-server kills during that time (--cluster: node kills)
   --response-delay-ms N    the gateway's delay between acting and answering (default: 50-150, seeded)
   --recovery-timeout S     how long the system may take to settle after the last kill
   --keep                   keep the temp dir (logs, ledger, server data) even when passing
@@ -85,6 +99,8 @@ const MAX_PRINTED_VIOLATIONS: usize = 60;
 #[derive(Debug, Clone)]
 struct Params {
     full: bool,
+    /// On a three-node cluster ([`OwnedCluster`]) instead of one server.
+    cluster: bool,
     seed: u64,
     payments: usize,
     duration: Duration,
@@ -106,6 +122,7 @@ enum Cli {
 
 fn parse_args(args: &[String]) -> Result<Cli, String> {
     let mut full = false;
+    let mut cluster = false;
     let mut seed = None;
     let mut payments = None;
     let mut duration = None;
@@ -133,6 +150,7 @@ fn parse_args(args: &[String]) -> Result<Cli, String> {
             "--list" => return Ok(Cli::List),
             "--full" => full = true,
             "--small" => full = false,
+            "--cluster" => cluster = true,
             "--keep" => keep = true,
             "--seed" => seed = Some(number(name, &value("a number")?)?),
             "--payments" => {
@@ -189,13 +207,18 @@ fn parse_args(args: &[String]) -> Result<Cli, String> {
     }
     let seed = seed.unwrap_or_else(rand::random);
     let mut schedule = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
-    let (default_payments, default_duration, default_kills, default_recovery) = if full {
-        (240, 20.0, 2, 180.0)
-    } else {
-        (60, 8.0, 1, 90.0)
-    };
+    let (default_payments, default_duration, default_kills, default_recovery) =
+        match (full, cluster) {
+            (true, false) => (240, 20.0, 2, 180.0),
+            (false, false) => (60, 8.0, 1, 90.0),
+            // Node restarts take longer than a single server's (a node catches up with the
+            // others before it serves): a longer window keeps the load running across them.
+            (true, true) => (240, 30.0, 3, 240.0),
+            (false, true) => (40, 8.0, 1, 150.0),
+        };
     Ok(Cli::Run(Params {
         full,
+        cluster,
         seed,
         payments: payments.unwrap_or(default_payments),
         duration: duration.unwrap_or(Duration::from_secs_f64(default_duration)),
@@ -227,6 +250,11 @@ fn env_flag(name: &str) -> bool {
 }
 
 impl Params {
+    /// Ingresses the load spreads over: one per node.
+    fn ingresses(&self) -> usize {
+        if self.cluster { cluster::NODES } else { 1 }
+    }
+
     fn replay_command(&self) -> String {
         let mut cmd = String::from("cargo test");
         if self.full {
@@ -235,6 +263,9 @@ impl Params {
         cmd.push_str(" --test crash --");
         if self.full {
             cmd.push_str(" --full");
+        }
+        if self.cluster {
+            cmd.push_str(" --cluster");
         }
         cmd.push_str(&format!(" --seed {}", self.seed));
         for o in &self.overrides {
@@ -264,6 +295,9 @@ struct PaymentPlan {
     refunds: Vec<Option<u64>>,
     /// Pause between the CreatePayment answer and the refunds.
     refund_pause: Duration,
+    /// The ingress each client call goes to first (a node index; always 0 on one server): the
+    /// CreatePayment calls, then the RefundPayment calls, then the GetPayment.
+    ingresses: Vec<usize>,
 }
 
 impl PaymentPlan {
@@ -283,7 +317,7 @@ fn plan_payments(p: &Params) -> Vec<PaymentPlan> {
     let mut rng = StdRng::seed_from_u64(p.seed);
     // Payments start during most of the kill window, so that kills land on all of them.
     let window = p.duration.mul_f64(0.85);
-    (0..p.payments)
+    let mut plans: Vec<PaymentPlan> = (0..p.payments)
         .map(|i| {
             let amount = rng.random_range(100..=50_000_u64);
             let customer = if rng.random_bool(0.06) {
@@ -325,15 +359,27 @@ fn plan_payments(p: &Params) -> Vec<PaymentPlan> {
                 start,
                 refunds,
                 refund_pause: Duration::from_millis(rng.random_range(0..400)),
+                ingresses: Vec::new(),
             }
         })
-        .collect()
+        .collect();
+    // From an RNG of their own: the plans of a seed are the same with and without --cluster.
+    let mut ingress_rng = StdRng::seed_from_u64(p.seed ^ 0x1656_67b1_9e37_79f9);
+    for plan in &mut plans {
+        let calls = plan.creates + plan.refunds.len() + 1;
+        plan.ingresses = (0..calls)
+            .map(|_| ingress_rng.random_range(0..p.ingresses()))
+            .collect();
+    }
+    plans
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
     Service,
     Server,
+    /// A node of the cluster (index 0-2).
+    Node(usize),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -365,14 +411,32 @@ fn plan_kills(p: &Params) -> Vec<Kill> {
         });
     }
     let n = p.server_kills;
+    // The cluster's nodes in a seeded order, repeated: each node is killed before any is killed
+    // twice, never the same node twice in a row.
+    // (No draw from the RNG without --cluster: a seed replays the same single-server schedule.)
+    let mut order: Vec<usize> = (0..cluster::NODES).collect();
+    if p.cluster {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.random_range(0..=i));
+        }
+    }
     for k in 0..n {
         // Spread over the window, off the service kills' beat.
         let centre = secs * (k as f64 + 1.0) / (n as f64 + 1.0);
         let at = (centre + rng.random_range(-0.4..0.4)).clamp(0.5, secs.max(0.5));
+        let (target, down_ms) = if p.cluster {
+            // Down long enough for the others to take over its partitions' leadership.
+            (
+                Target::Node(order[k % order.len()]),
+                rng.random_range(500..3000),
+            )
+        } else {
+            (Target::Server, rng.random_range(0..1000))
+        };
         kills.push(Kill {
             at: Duration::from_secs_f64(at),
-            target: Target::Server,
-            down_for: Duration::from_millis(rng.random_range(0..1000)),
+            target,
+            down_for: Duration::from_millis(down_ms),
         });
     }
     kills.sort_by_key(|k| k.at);
@@ -384,12 +448,27 @@ fn plan_kills(p: &Params) -> Vec<Kill> {
 #[derive(Default)]
 struct Counters {
     attempts: AtomicU64,
+    /// HTTP attempts sent to each ingress, and final answers (any status) from each.
+    attempts_by_ingress: Vec<AtomicU64>,
+    answers_by_ingress: Vec<AtomicU64>,
+    /// Retries that went to another ingress than the attempt before.
+    moved: AtomicU64,
     retries: AtomicU64,
     connection_errors: AtomicU64,
     timeouts: AtomicU64,
     /// Transient HTTP answers (5xx, and the like), by status.
     transient: Mutex<BTreeMap<u16, u64>>,
     payments_done: AtomicUsize,
+}
+
+impl Counters {
+    fn new(ingresses: usize) -> Self {
+        Self {
+            attempts_by_ingress: (0..ingresses).map(|_| AtomicU64::new(0)).collect(),
+            answers_by_ingress: (0..ingresses).map(|_| AtomicU64::new(0)).collect(),
+            ..Self::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -404,7 +483,11 @@ enum Answer {
 
 struct Load {
     http: reqwest::Client,
-    ingress: String,
+    /// One ingress per node (one on a single server).
+    ingresses: Vec<String>,
+    /// Which ingresses are up (the cluster's readiness flags), as a load balancer's health
+    /// checks would tell: a retry goes to the next one that is.
+    up: Arc<Vec<AtomicBool>>,
     counters: Counters,
     /// Clients give up retrying at this time: set once the last kill is known.
     deadline: Mutex<Instant>,
@@ -412,12 +495,15 @@ struct Load {
 
 impl Load {
     /// POSTs until a final answer or the deadline: connection errors, timeouts and transient
-    /// statuses are retried with backoff, with the same payment ID and body.
-    async fn call(&self, id: &str, handler: &str, body: &Value) -> Answer {
-        let url = format!("{}/{}/{id}/{handler}", self.ingress, common::SERVICE);
+    /// statuses are retried with backoff, with the same payment ID and body. The first attempt
+    /// goes to ingress `first`, each retry to the next ingress that is up.
+    async fn call(&self, id: &str, handler: &str, body: &Value, first: usize) -> Answer {
+        let mut at = first % self.ingresses.len();
         let mut backoff = RETRY_MIN;
         loop {
+            let url = format!("{}/{}/{id}/{handler}", self.ingresses[at], common::SERVICE);
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+            self.counters.attempts_by_ingress[at].fetch_add(1, Ordering::Relaxed);
             let sent = self
                 .http
                 .post(&url)
@@ -433,9 +519,13 @@ impl Load {
                             let value = serde_json::from_str(&text)
                                 .unwrap_or_else(|_| Value::String(text.clone()));
                             if status == 200 {
+                                self.counters.answers_by_ingress[at]
+                                    .fetch_add(1, Ordering::Relaxed);
                                 return Answer::Ok(value);
                             }
                             if !transient(status, &value, id) {
+                                self.counters.answers_by_ingress[at]
+                                    .fetch_add(1, Ordering::Relaxed);
                                 return Answer::Refused(status, value);
                             }
                             *self
@@ -459,7 +549,22 @@ impl Load {
             let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(RETRY_MAX);
+            let next = self.next_ingress(at);
+            if next != at {
+                self.counters.moved.fetch_add(1, Ordering::Relaxed);
+                at = next;
+            }
         }
+    }
+
+    /// The next ingress after `at` that is up (`at` itself when it is the only one); the next
+    /// one anyway when none is up.
+    fn next_ingress(&self, at: usize) -> usize {
+        let n = self.ingresses.len();
+        (1..=n)
+            .map(|k| (at + k) % n)
+            .find(|&i| self.up[i].load(Ordering::SeqCst))
+            .unwrap_or((at + 1) % n)
     }
 
     fn deadline(&self) -> Instant {
@@ -512,10 +617,11 @@ async fn run_payment(load: Arc<Load>, plan: PaymentPlan, t0: Instant) -> Payment
         "customerId": plan.customer,
     });
     let id = Arc::new(plan.id.clone());
+    let ingress = |call: usize| plan.ingresses.get(call).copied().unwrap_or(0);
     let creates: Vec<_> = (0..plan.creates)
-        .map(|_| {
-            let (load, id, body) = (load.clone(), id.clone(), body.clone());
-            tokio::spawn(async move { load.call(&id, "CreatePayment", &body).await })
+        .map(|k| {
+            let (load, id, body, at) = (load.clone(), id.clone(), body.clone(), ingress(k));
+            tokio::spawn(async move { load.call(&id, "CreatePayment", &body, at).await })
         })
         .collect();
     let mut log = PaymentLog::default();
@@ -528,22 +634,24 @@ async fn run_payment(load: Arc<Load>, plan: PaymentPlan, t0: Instant) -> Payment
             let refunds: Vec<_> = plan
                 .refunds
                 .iter()
-                .map(|&amount| {
+                .enumerate()
+                .map(|(k, &amount)| {
                     let mut body = json!({"reason": "crash test refund"});
                     if let Some(a) = amount {
                         body["amount"] = json!(a);
                     }
-                    let (load, id) = (load.clone(), id.clone());
-                    tokio::spawn(
-                        async move { (amount, load.call(&id, "RefundPayment", &body).await) },
-                    )
+                    let (load, id, at) = (load.clone(), id.clone(), ingress(plan.creates + k));
+                    tokio::spawn(async move {
+                        (amount, load.call(&id, "RefundPayment", &body, at).await)
+                    })
                 })
                 .collect();
             for r in refunds {
                 log.refunds.push(r.await.expect("client task panicked"));
             }
         }
-        log.get = Some(load.call(&id, "GetPayment", &json!({})).await);
+        let at = ingress(plan.creates + plan.refunds.len());
+        log.get = Some(load.call(&id, "GetPayment", &json!({}), at).await);
     }
     load.counters.payments_done.fetch_add(1, Ordering::Relaxed);
     log
@@ -551,20 +659,212 @@ async fn run_payment(load: Arc<Load>, plan: PaymentPlan, t0: Instant) -> Payment
 
 // ---- the chaos -------------------------------------------------------------------------------
 
+/// The system under test: one restate-server, or a three-node cluster.
+enum Sut {
+    Single(OwnedStack),
+    Cluster(OwnedCluster),
+}
+
+impl Sut {
+    fn dir(&self) -> &Path {
+        match self {
+            Sut::Single(s) => &s.dir,
+            Sut::Cluster(c) => &c.dir,
+        }
+    }
+
+    fn ledger(&self) -> &Path {
+        match self {
+            Sut::Single(s) => s.ledger(),
+            Sut::Cluster(c) => c.ledger(),
+        }
+    }
+
+    /// The ingress URLs, one per node.
+    fn ingresses(&self) -> Vec<String> {
+        match self {
+            Sut::Single(s) => vec![s.app.ingress.clone()],
+            Sut::Cluster(c) => c.ingress_urls(),
+        }
+    }
+
+    /// Which ingresses are up (always the one of a single server: its clients have nowhere
+    /// else to go).
+    fn up_flags(&self) -> Arc<Vec<AtomicBool>> {
+        match self {
+            Sut::Single(_) => Arc::new(vec![AtomicBool::new(true)]),
+            Sut::Cluster(c) => c.ready_flags(),
+        }
+    }
+
+    /// SQL on the admin API (of a live node).
+    fn query(&self, sql: &str) -> Result<Vec<Value>, String> {
+        match self {
+            Sut::Single(s) => s.app.try_query(sql),
+            Sut::Cluster(c) => c.app().try_query(sql),
+        }
+    }
+
+    /// SQL whose answer the audit relies on. On a cluster, every node's admin API must give the
+    /// same rows (in any order): a node whose view is behind cannot stand for the cluster.
+    fn agreed_query(&self, sql: &str) -> Result<Vec<Value>, String> {
+        let Sut::Cluster(c) = self else {
+            return self.query(sql);
+        };
+        let mut first: Option<(usize, Vec<String>, Vec<Value>)> = None;
+        for i in 0..cluster::NODES {
+            let rows = c
+                .app_of(i)
+                .try_query(sql)
+                .map_err(|e| format!("{}: {e}", c.node_name(i)))?;
+            let mut key: Vec<String> = rows.iter().map(Value::to_string).collect();
+            key.sort();
+            match &first {
+                None => first = Some((i, key, rows)),
+                Some((j, other, _)) if *other != key => {
+                    return Err(format!(
+                        "{} and {} disagree ({} rows and {} rows) on {sql:?}",
+                        c.node_name(*j),
+                        c.node_name(i),
+                        other.len(),
+                        key.len()
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(first.map(|(_, _, rows)| rows).unwrap_or_default())
+    }
+
+    /// [`Self::agreed_query`], retried for up to a minute while the nodes disagree or fail.
+    fn settled_query(&self, sql: &str) -> Result<Vec<Value>, String> {
+        if let Sut::Single(_) = self {
+            return self.query(sql);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.agreed_query(sql) {
+                Ok(rows) => return Ok(rows),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    }
+
+    fn name(&self, target: Target) -> String {
+        match (self, target) {
+            (_, Target::Service) => "payment-service".into(),
+            (_, Target::Server) => "restate-server".into(),
+            (Sut::Cluster(c), Target::Node(i)) => c.node_name(i).to_owned(),
+            (Sut::Single(_), Target::Node(i)) => format!("node-{}", i + 1),
+        }
+    }
+
+    /// SIGKILLs the target; `Ok(false)` if it was not running.
+    fn kill(&self, target: Target) -> anyhow::Result<bool> {
+        match (self, target) {
+            (Sut::Single(s), Target::Service) => Ok(s.kill_service()),
+            (Sut::Cluster(c), Target::Service) => Ok(c.kill_service()),
+            (Sut::Single(s), Target::Server) => Ok(s.kill_server()),
+            (Sut::Cluster(c), Target::Node(i)) => c.kill_node(i),
+            (_, t) => anyhow::bail!("no {t:?} to kill here"),
+        }
+    }
+
+    /// Starts the target again; returns when it is up (how long that took) and, for a server or
+    /// node, when it serves invocations again.
+    fn start(&self, target: Target) -> anyhow::Result<(Duration, Option<Duration>)> {
+        match (self, target) {
+            (Sut::Single(s), Target::Service) => Ok((s.start_service()?, None)),
+            (Sut::Cluster(c), Target::Service) => Ok((c.start_service()?, None)),
+            // A restarted server is healthy before its partitions lead again: the next kill
+            // must find it serving, or it would land on an idle system.
+            (Sut::Single(s), Target::Server) => {
+                let took = s.start_server()?;
+                let after = wait_serving(s).context("restate-server is not serving again")?;
+                Ok((took, Some(took + after)))
+            }
+            // A node is back once invocations go through its own ingress (see OwnedCluster).
+            (Sut::Cluster(c), Target::Node(i)) => {
+                let started = c.start_node(i)?;
+                Ok((started.healthy, Some(started.serving)))
+            }
+            (_, t) => anyhow::bail!("no {t:?} to start here"),
+        }
+    }
+
+    fn died(&self) -> Option<String> {
+        match self {
+            Sut::Single(s) => s.died(),
+            Sut::Cluster(c) => c.died(),
+        }
+    }
+
+    fn ensure_up(&self) -> anyhow::Result<()> {
+        match self {
+            Sut::Single(s) => s.ensure_up(),
+            Sut::Cluster(c) => c.ensure_up(),
+        }
+    }
+
+    fn stop(&self) {
+        match self {
+            Sut::Single(s) => s.stop(),
+            Sut::Cluster(c) => c.stop(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ChaosLog {
     service_kills: usize,
+    /// restate-server kills, or node kills on a cluster.
     server_kills: usize,
+    /// Kills of each cluster node (empty on one server).
+    node_kills: Vec<usize>,
     /// A restart that did not work, or a process that died by itself: the run is void.
     error: Option<String>,
 }
 
-/// Executes the kills in order, each at its time (later by the time restarts took):
-/// SIGKILL, stay down `down_for`, start again on the same ports and wait until it is up (the
-/// server: until invocations go through again). One process at a time: the two are never down
-/// together.
-fn run_chaos(stack: &OwnedStack, kills: &[Kill], t0: Instant) -> ChaosLog {
+/// Executes the kills. On one server: in order, each at its time (later by the time restarts
+/// took): SIGKILL, stay down `down_for`, start again on the same ports and wait until it is up
+/// (the server: until invocations go through again). One process at a time: the two are never
+/// down together. On a cluster, the service kills and the node kills run side by side, each
+/// in order: the service may be killed while a node is down, but a node is only killed once
+/// the node killed before it serves again.
+fn run_chaos(sut: &Sut, kills: &[Kill], t0: Instant) -> ChaosLog {
+    if let Sut::Single(_) = sut {
+        return run_kills(sut, kills, t0);
+    }
+    let (nodes, services): (Vec<Kill>, Vec<Kill>) = kills
+        .iter()
+        .partition(|k| matches!(k.target, Target::Node(_)));
+    let (from_nodes, from_services) = std::thread::scope(|s| {
+        let nodes = s.spawn(|| run_kills(sut, &nodes, t0));
+        let services = run_kills(sut, &services, t0);
+        (
+            nodes.join().expect("the node-kill thread panicked"),
+            services,
+        )
+    });
+    let mut node_kills = vec![0; cluster::NODES];
+    for (i, n) in from_nodes.node_kills.iter().enumerate() {
+        node_kills[i] += n;
+    }
+    ChaosLog {
+        service_kills: from_services.service_kills,
+        server_kills: from_nodes.server_kills,
+        node_kills,
+        error: from_nodes.error.or(from_services.error),
+    }
+}
+
+/// The kills in order, each at its time; time lost waiting for restarts moves the rest.
+fn run_kills(sut: &Sut, kills: &[Kill], t0: Instant) -> ChaosLog {
     let mut log = ChaosLog::default();
+    if let Sut::Cluster(_) = sut {
+        log.node_kills = vec![0; cluster::NODES];
+    }
     // Time lost waiting for restarts moves the rest of the schedule, which keeps its spacing.
     let mut shift = Duration::ZERO;
     for kill in kills {
@@ -573,53 +873,49 @@ fn run_chaos(stack: &OwnedStack, kills: &[Kill], t0: Instant) -> ChaosLog {
             Some(wait) => std::thread::sleep(wait),
             None => shift += due.elapsed(),
         }
-        if let Some(died) = stack.died() {
+        if let Some(died) = sut.died() {
             log.error = Some(died);
             break;
         }
         let at = t0.elapsed().as_secs_f64();
-        let (name, killed) = match kill.target {
-            Target::Service => ("payment-service", stack.kill_service()),
-            Target::Server => ("restate-server", stack.kill_server()),
-        };
-        if !killed {
-            log.error = Some(format!("{name} was not running at {at:.2}s"));
-            break;
+        let name = sut.name(kill.target);
+        match sut.kill(kill.target) {
+            Ok(true) => {}
+            Ok(false) => {
+                log.error = Some(format!("{name} was not running at {at:.2}s"));
+                break;
+            }
+            Err(e) => {
+                log.error = Some(format!("killing {name} at {at:.2}s: {e:#}"));
+                break;
+            }
         }
         match kill.target {
             Target::Service => log.service_kills += 1,
             Target::Server => log.server_kills += 1,
+            Target::Node(i) => {
+                log.server_kills += 1;
+                log.node_kills[i] += 1;
+            }
         }
         std::thread::sleep(kill.down_for);
         let mut restarted = Err(anyhow::anyhow!("not tried"));
         for _ in 0..3 {
-            restarted = match kill.target {
-                Target::Service => stack.start_service(),
-                Target::Server => stack.start_server(),
-            };
+            restarted = sut.start(kill.target);
             if restarted.is_ok() {
                 break;
             }
         }
-        let took = match restarted {
-            Ok(took) => took,
+        let (took, serving) = match restarted {
+            Ok(times) => times,
             Err(e) => {
                 log.error = Some(format!("restarting {name} failed: {e:#}"));
                 break;
             }
         };
-        // A restarted server is healthy before its partitions lead again: the next kill must
-        // find it serving, or it would land on an idle system.
-        let serving = match kill.target {
-            Target::Service => String::new(),
-            Target::Server => match wait_serving(stack) {
-                Ok(after) => format!(", serving after {:>5} ms", (took + after).as_millis()),
-                Err(e) => {
-                    log.error = Some(format!("restate-server is not serving again: {e:#}"));
-                    break;
-                }
-            },
-        };
+        let serving = serving
+            .map(|s| format!(", serving after {:>5} ms", s.as_millis()))
+            .unwrap_or_default();
         println!(
             "crash: t={at:6.2}s  SIGKILL {name:<15} down {:>4} ms, up again after {:>5} ms{serving}",
             kill.down_for.as_millis(),
@@ -627,13 +923,14 @@ fn run_chaos(stack: &OwnedStack, kills: &[Kill], t0: Instant) -> ChaosLog {
         );
     }
     if log.error.is_none() {
-        log.error = stack.died();
+        log.error = sut.died();
     }
     log
 }
 
-/// Prefix of the payment IDs used to probe that the stack serves: never a payment.
-const PROBE_PREFIX: &str = "probe-";
+/// Prefix of the payment IDs used to probe that the stack serves: never a payment (the same
+/// as the cluster's readiness probes).
+const PROBE_PREFIX: &str = cluster::PROBE_PREFIX;
 /// How long a restarted stack may take to serve again.
 const SERVING_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -656,6 +953,20 @@ fn wait_serving(stack: &OwnedStack) -> anyhow::Result<Duration> {
         }
     }
     Ok(began.elapsed())
+}
+
+/// [`wait_serving`] for either: on a cluster, through every node's ingress in turn.
+fn wait_sut_serving(sut: &Sut) -> anyhow::Result<Duration> {
+    match sut {
+        Sut::Single(s) => wait_serving(s),
+        Sut::Cluster(c) => {
+            let began = Instant::now();
+            for i in 0..cluster::NODES {
+                c.wait_node_ready(i)?;
+            }
+            Ok(began.elapsed())
+        }
+    }
 }
 
 // ---- the audit -------------------------------------------------------------------------------
@@ -1151,7 +1462,7 @@ fn run(p: &Params) -> anyhow::Result<bool> {
     let kills = plan_kills(p);
     announce(p, &kills);
 
-    let stack = OwnedStack::start(&[
+    let service_env = [
         ("GATEWAY_DELAY_MS", GATEWAY_DELAY_MS.to_string()),
         ("GATEWAY_RESPONSE_DELAY_MS", p.response_delay_ms.to_string()),
         ("GATEWAY_DECLINE_RATE", DECLINE_RATE.to_string()),
@@ -1160,17 +1471,37 @@ fn run(p: &Params) -> anyhow::Result<bool> {
             "GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS",
             p.ignore_keys.to_string(),
         ),
-    ])?;
-    let serving = wait_serving(&stack).context("the new stack does not serve")?;
-    println!(
-        "crash: stack up (ingress {}, admin {}, service {}), serving after {} ms more, data and \
-         logs in {}",
-        stack.app.ingress,
-        stack.app.admin,
-        stack.app.service_url,
-        serving.as_millis(),
-        stack.dir.display()
-    );
+    ];
+    let began = Instant::now();
+    let stack = if p.cluster {
+        Sut::Cluster(OwnedCluster::start(&service_env)?)
+    } else {
+        Sut::Single(OwnedStack::start(&service_env)?)
+    };
+    let serving = wait_sut_serving(&stack).context("the new stack does not serve")?;
+    match &stack {
+        Sut::Single(s) => println!(
+            "crash: stack up (ingress {}, admin {}, service {}), serving after {} ms more, data \
+             and logs in {}",
+            s.app.ingress,
+            s.app.admin,
+            s.app.service_url,
+            serving.as_millis(),
+            s.dir.display()
+        ),
+        Sut::Cluster(c) => println!(
+            "crash: cluster {} up in {:.1} s: {} nodes, replication {} (ingresses {}; admin APIs \
+             {}), service {}, every node serving; data and logs in {}",
+            c.cluster_name(),
+            began.elapsed().as_secs_f64(),
+            cluster::NODES,
+            cluster::REPLICATION,
+            c.ingress_urls().join(", "),
+            c.admin_urls().join(", "),
+            c.service_url,
+            c.dir.display()
+        ),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1181,8 +1512,9 @@ fn run(p: &Params) -> anyhow::Result<bool> {
             .timeout(ATTEMPT_TIMEOUT)
             .connect_timeout(Duration::from_secs(2))
             .build()?,
-        ingress: stack.app.ingress.clone(),
-        counters: Counters::default(),
+        ingresses: stack.ingresses(),
+        up: stack.up_flags(),
+        counters: Counters::new(p.ingresses()),
         // Until the kills are over, clients never give up.
         deadline: Mutex::new(Instant::now() + Duration::from_secs(24 * 3600)),
     });
@@ -1238,14 +1570,19 @@ fn run(p: &Params) -> anyhow::Result<bool> {
     if !passed || p.keep {
         process::keep_temp_dirs();
         let _ = std::fs::write(
-            stack.dir.join("violations.txt"),
+            stack.dir().join("violations.txt"),
             findings.violations.join("\n"),
         );
         dump_suspects(&stack, &findings.suspects, &end.ledger);
+        let server_logs = if p.cluster {
+            "node-1.log, node-2.log, node-3.log"
+        } else {
+            "restate-server.log"
+        };
         println!(
-            "crash: kept {} (restate-server.log, payment-service.log, gateway-ledger.jsonl, \
+            "crash: kept {} ({server_logs}, payment-service.log, gateway-ledger.jsonl, \
              violations.txt, suspects.txt, restate-data/)",
-            stack.dir.display()
+            stack.dir().display()
         );
     }
     stack.stop();
@@ -1253,12 +1590,36 @@ fn run(p: &Params) -> anyhow::Result<bool> {
 }
 
 fn announce(p: &Params, kills: &[Kill]) {
-    let server_kills = kills.iter().filter(|k| k.target == Target::Server).count();
+    let server_kills = kills.iter().filter(|k| k.target != Target::Service).count();
+    let servers = if p.cluster {
+        let order: Vec<String> = kills
+            .iter()
+            .filter_map(|k| match k.target {
+                Target::Node(i) => Some(format!("node-{}", i + 1)),
+                _ => None,
+            })
+            .collect();
+        format!(
+            "Restate nodes, one at a time: {}; on a {}-node cluster, replication {}, load across \
+             the {} ingresses",
+            order.join(", "),
+            cluster::NODES,
+            cluster::REPLICATION,
+            cluster::NODES
+        )
+    } else {
+        "restate-server".to_owned()
+    };
     println!(
         "crash: {} run, seed {}: {} payments, kills for {:.0} s ({} of the service, {} of \
-         restate-server), gateway delay {GATEWAY_DELAY_MS} ms + response delay {} ms, decline \
+         {servers}), gateway delay {GATEWAY_DELAY_MS} ms + response delay {} ms, decline \
          rate {DECLINE_RATE}, idempotency keys {}",
-        if p.full { "full" } else { "small" },
+        match (p.full, p.cluster) {
+            (true, false) => "full",
+            (false, false) => "small",
+            (true, true) => "full cluster",
+            (false, true) => "small cluster",
+        },
         p.seed,
         p.payments,
         p.duration.as_secs_f64(),
@@ -1301,19 +1662,34 @@ async fn wait_for_clients(
 }
 
 /// Polls the admin SQL API until no PaymentService invocation is left unfinished, or until
-/// `deadline`; returns those left.
-fn wait_for_invocations(stack: &OwnedStack, deadline: Instant) -> Vec<Value> {
+/// `deadline`; returns those left. On a cluster, every node's admin API must say so, and say
+/// the same number of invocations, twice in a row.
+fn wait_for_invocations(stack: &Sut, deadline: Instant) -> Vec<Value> {
     let sql = format!(
         "SELECT id, target_service_key, target_handler_name, status, retry_count, last_failure, \
          last_failure_error_code FROM sys_invocation WHERE target_service_name = '{}' \
          AND status != 'completed' ORDER BY created_at",
         common::SERVICE
     );
+    let count_sql = format!(
+        "SELECT count(*) AS n FROM sys_invocation WHERE target_service_name = '{}'",
+        common::SERVICE
+    );
     let mut last_report = Instant::now();
+    let mut last_count = None;
     loop {
-        let rows = stack.app.try_query(&sql);
+        let rows = stack.agreed_query(&sql);
         if rows.as_ref().is_ok_and(Vec::is_empty) {
-            return Vec::new();
+            let Sut::Cluster(_) = stack else {
+                return Vec::new();
+            };
+            let count = stack.agreed_query(&count_sql).ok();
+            if count.is_some() && count == last_count {
+                return Vec::new();
+            }
+            last_count = count;
+        } else {
+            last_count = None;
         }
         if Instant::now() >= deadline {
             return rows.unwrap_or_else(|e| vec![json!({ "query failed": e })]);
@@ -1332,7 +1708,7 @@ fn wait_for_invocations(stack: &OwnedStack, deadline: Instant) -> Vec<Value> {
 /// Reads the settled system: GetPayment of every payment, the stored refunds and the
 /// invocations (admin SQL API), the gateway's ledger.
 fn end_state(
-    stack: &OwnedStack,
+    stack: &Sut,
     rt: &tokio::runtime::Runtime,
     load: &Load,
     plans: &[PaymentPlan],
@@ -1342,11 +1718,12 @@ fn end_state(
     let finals = rt.block_on(async {
         let mut finals = Vec::with_capacity(plans.len());
         for plan in plans {
-            finals.push(load.call(&plan.id, "GetPayment", &json!({})).await);
+            let at = plan.ingresses.last().copied().unwrap_or(0);
+            finals.push(load.call(&plan.id, "GetPayment", &json!({}), at).await);
         }
         finals
     });
-    let query = |sql: String| stack.app.try_query(&sql).map_err(anyhow::Error::msg);
+    let query = |sql: String| stack.settled_query(&sql).map_err(anyhow::Error::msg);
     let service = common::SERVICE;
     let stored_refunds = query(format!(
         "SELECT service_key, value_utf8 FROM state WHERE service_name = '{service}' \
@@ -1424,8 +1801,9 @@ fn summary(
     let row = |k: &str, v: String| println!("  {k:<28} {v}");
     println!();
     println!(
-        "crash: summary ({} run, seed {})",
+        "crash: summary ({} run{}, seed {})",
         if p.full { "full" } else { "small" },
+        if p.cluster { ", 3-node cluster" } else { "" },
         p.seed
     );
     row(
@@ -1461,13 +1839,46 @@ fn summary(
         ),
     );
     row("calls left without answer", unanswered.to_string());
-    row(
-        "kills (SIGKILL + restart)",
-        format!(
-            "payment-service {}, restate-server {}",
-            chaos.service_kills, chaos.server_kills
-        ),
-    );
+    if p.cluster {
+        let per = |v: &[AtomicU64]| {
+            v.iter()
+                .enumerate()
+                .map(|(i, n)| format!("node-{} {}", i + 1, n.load(Ordering::Relaxed)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        row(
+            "ingresses: attempts",
+            format!(
+                "{} ({} retries went to another ingress)",
+                per(&c.attempts_by_ingress),
+                c.moved.load(Ordering::Relaxed)
+            ),
+        );
+        row("ingresses: final answers", per(&c.answers_by_ingress));
+        let nodes = chaos
+            .node_kills
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("node-{} {n}", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        row(
+            "kills (SIGKILL + restart)",
+            format!(
+                "payment-service {}, Restate nodes {} ({nodes}; never two down at once)",
+                chaos.service_kills, chaos.server_kills
+            ),
+        );
+    } else {
+        row(
+            "kills (SIGKILL + restart)",
+            format!(
+                "payment-service {}, restate-server {}",
+                chaos.service_kills, chaos.server_kills
+            ),
+        );
+    }
     row(
         "gateway calls received",
         format!(
@@ -1533,7 +1944,7 @@ fn summary(
 
 /// For the payments with a violation: their ledger lines, invocations and journals (admin SQL
 /// `sys_journal`), in `suspects.txt`; the first few also on stdout, one line per invocation.
-fn dump_suspects(stack: &OwnedStack, suspects: &BTreeSet<String>, ledger: &[LedgerEntry]) {
+fn dump_suspects(stack: &Sut, suspects: &BTreeSet<String>, ledger: &[LedgerEntry]) {
     let mut file = String::new();
     for (n, id) in suspects.iter().enumerate() {
         let print = n < 3;
@@ -1556,7 +1967,7 @@ fn dump_suspects(stack: &OwnedStack, suspects: &BTreeSet<String>, ledger: &[Ledg
             common::SERVICE,
             sql_str(id)
         );
-        let rows = match stack.app.try_query(&sql) {
+        let rows = match stack.query(&sql) {
             Ok(rows) => rows,
             Err(e) => {
                 out(format!("  journal query failed: {e}"));
@@ -1592,5 +2003,5 @@ fn dump_suspects(stack: &OwnedStack, suspects: &BTreeSet<String>, ledger: &[Ledg
             out(format!("  journal {inv}: {entries}"));
         }
     }
-    let _ = std::fs::write(stack.dir.join("suspects.txt"), file);
+    let _ = std::fs::write(stack.dir().join("suspects.txt"), file);
 }

@@ -26,10 +26,11 @@
 //!
 //! [`owned::OwnedStack`] is a stack owned by one test instead of the shared
 //! one, whose server and service can be SIGKILLed and restarted in place (the
-//! crash test).
+//! crash test); [`cluster::OwnedCluster`] is the same for a three-node Restate cluster.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod cluster;
 pub mod owned;
 pub mod process;
 

@@ -158,6 +158,25 @@ pub fn stop(pid: u32) {
     }
 }
 
+/// Stops several children together (SIGTERM to all, then SIGKILL after the grace period),
+/// e.g. the nodes of a cluster, which one at a time would wait for a quorum that is gone.
+pub fn stop_all(pids: &[u32]) {
+    let mut stopping = {
+        let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stopping = Vec::new();
+        let mut i = 0;
+        while i < children.len() {
+            if pids.contains(&children[i].id()) {
+                stopping.push(children.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        stopping
+    };
+    terminate(&mut stopping);
+}
+
 /// Crashes one child: SIGKILL to its process group, no grace, then reaps it.
 /// Returns how it ended, or `None` if `pid` is not a child of ours.
 pub fn kill(pid: u32) -> Option<ExitStatus> {
