@@ -779,8 +779,12 @@ impl Sut {
             (Sut::Cluster(c), Target::Service) => Ok((c.start_service()?, None)),
             // A restarted server is healthy before its partitions lead again: the next kill
             // must find it serving, or it would land on an idle system.
+            // A retry after a serving timeout finds the server already started: it only waits.
             (Sut::Single(s), Target::Server) => {
-                let took = s.start_server()?;
+                let took = match s.server_pid() {
+                    None => s.start_server()?,
+                    Some(_) => Duration::ZERO,
+                };
                 let after = wait_serving(s).context("restate-server is not serving again")?;
                 Ok((took, Some(took + after)))
             }
@@ -932,7 +936,7 @@ fn run_kills(sut: &Sut, kills: &[Kill], t0: Instant) -> ChaosLog {
 /// as the cluster's readiness probes).
 const PROBE_PREFIX: &str = cluster::PROBE_PREFIX;
 /// How long a restarted stack may take to serve again.
-const SERVING_TIMEOUT: Duration = Duration::from_secs(90);
+const SERVING_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Waits until an invocation goes through end to end: `GetPayment` of unknown IDs answers the
 /// handler's 404 (a few IDs, so a few partitions). Returns how long that took.
