@@ -12,9 +12,8 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init();
 
     let gateway = MockGateway::new(config.mock_gateway()).context("starting the mock gateway")?;
-    let listener = tokio::net::TcpListener::bind(config.bind)
-        .await
-        .with_context(|| format!("binding {}", config.bind))?;
+    let listener =
+        server::listen(config.bind).with_context(|| format!("binding {}", config.bind))?;
     tracing::info!(
         addr = %listener.local_addr()?,
         gateway_delay_ms = config.gateway_delay_ms,

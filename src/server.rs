@@ -1,11 +1,12 @@
 //! The HTTP endpoint Restate calls, and its graceful shutdown.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use restate_sdk::endpoint::Endpoint;
 use restate_sdk::http_server::HttpServer;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::gateway::PaymentGateway;
 use crate::service::PaymentService;
@@ -23,6 +24,22 @@ pub fn endpoint(
             .map_err(|e| anyhow::anyhow!("invalid identity key {key:?}: {e}"))?;
     }
     Ok(builder.build())
+}
+
+/// Binds `addr` for the endpoint, with `TCP_NODELAY` set on the listening socket (Linux copies
+/// it to every accepted connection; the SDK's `HttpServer` does not set it). Without it, an
+/// answer written in two small HTTP/2 frames waits for the Restate server's delayed ACK: about
+/// 40 ms more per request, measured by the benchmark at concurrency 1.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// Serves `endpoint` on `listener` until `shutdown` completes, then lets in-flight requests
