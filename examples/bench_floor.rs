@@ -1,0 +1,165 @@
+//! `bench_floor`: the benchmark's floor, a Restate virtual object with the journal shape of
+//! `PaymentService/CreatePayment` and no logic at all. Bench-only; `scripts/bench.sh` starts it
+//! beside the service and `benches/payments.rs` reports our throughput as a ratio of its own.
+//!
+//! `BenchFloor/<id>/Create` journals what `CreatePayment` journals for a new payment:
+//!
+//! | # | entry             | here                                               |
+//! |---|-------------------|----------------------------------------------------|
+//! | 1 | get state `state` | a stored record is answered with a constant        |
+//! | 2 | run `accept`      | a timestamp                                        |
+//! | 3 | set state `state` | a `pending` record                                 |
+//! | 4 | run `charge`      | a small struct (a charge ID and a timestamp)       |
+//! | 5 | set state `state` | a `completed` record                               |
+//! | 6 | run `receipt`     | nothing                                            |
+//!
+//! A second `Create` on the same key is step 1 only (the floor of a duplicate `CreatePayment`),
+//! and `Get` is a shared handler that answers the stored record (the floor of `GetPayment`).
+//! No logging, no parsing of the request body, no gateway. The records and answers have about
+//! the sizes of the service's (a stored payment is ~250 bytes of JSON), because sizes matter on
+//! the wire: see [`listen`].
+//!
+//! ```text
+//! cargo run --release --example bench_floor -- --bind 127.0.0.1:9091
+//! ```
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use clap::Parser;
+use payment_service::server;
+use restate_sdk::endpoint::Endpoint;
+use restate_sdk::prelude::*;
+use serde::{Deserialize, Serialize};
+
+const STATE: &str = "state";
+/// The answer to `Create`, new or duplicate: the size of `CreatePayment`'s (~130 bytes).
+const ANSWER: &[u8] = br#"{"paymentId":"floor","status":"completed","chargeId":"ch_00000000000000000000000000000000","message":"Payment processed successfully"}"#;
+/// Brings a stored record to about the size of a stored payment.
+const PADDING: &str = "paymentId=<id> amount=10000 currency=USD customerId=cust-bench description=benchmark createdAt=<ISO 8601>";
+
+/// The bench-only floor object (see the module doc).
+#[derive(Debug, Parser)]
+#[command(name = "bench_floor", about)]
+struct Args {
+    /// Address to listen on for the Restate server (HTTP/2 cleartext).
+    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:9091")]
+    bind: SocketAddr,
+}
+
+/// What the floor stores: `pending` after step 3, `completed` after step 5.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Record {
+    status: String,
+    charge_id: Option<String>,
+    accepted_at: u64,
+    charged_at: Option<u64>,
+    padding: String,
+}
+
+/// The `charge` step's result.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Charged {
+    charge_id: String,
+    at: u64,
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct BenchFloor;
+
+#[restate_sdk::object(name = "BenchFloor")]
+impl BenchFloor {
+    /// CreatePayment's journal, without its logic.
+    #[handler(name = "Create")]
+    async fn create(&self, ctx: ObjectContext<'_>, _body: Bytes) -> Result<Bytes, TerminalError> {
+        if ctx.get::<Bytes>(STATE).await?.is_some() {
+            return Ok(Bytes::from_static(ANSWER));
+        }
+        let Json(accepted_at) = ctx
+            .run(|| async { Ok(Json(now_millis())) })
+            .name("accept")
+            .await?;
+        ctx.set(
+            STATE,
+            Json(Record {
+                status: "pending".to_owned(),
+                charge_id: None,
+                accepted_at,
+                charged_at: None,
+                padding: PADDING.to_owned(),
+            }),
+        );
+        let Json(charged) = ctx
+            .run(|| async {
+                Ok(Json(Charged {
+                    charge_id: "ch_00000000000000000000000000000000".to_owned(),
+                    at: now_millis(),
+                }))
+            })
+            .name("charge")
+            .await?;
+        ctx.set(
+            STATE,
+            Json(Record {
+                status: "completed".to_owned(),
+                charge_id: Some(charged.charge_id),
+                accepted_at,
+                charged_at: Some(charged.at),
+                padding: PADDING.to_owned(),
+            }),
+        );
+        ctx.run(|| async { Ok(()) }).name("receipt").await?;
+        Ok(Bytes::from_static(ANSWER))
+    }
+
+    /// GetPayment's journal: one state read.
+    #[handler(name = "Get")]
+    async fn get(
+        &self,
+        ctx: SharedObjectContext<'_>,
+        _body: Bytes,
+    ) -> Result<Bytes, TerminalError> {
+        match ctx.get::<Bytes>(STATE).await? {
+            Some(stored) => Ok(stored),
+            None => Err(TerminalError::new_with_code(404, "not found")),
+        }
+    }
+}
+
+/// Binds `addr` with `TCP_NODELAY` set on the listening socket, which Linux copies to every
+/// accepted connection (the SDK's `HttpServer` does not set it). Without it, an answer written
+/// in two parts (frames of a few hundred bytes, as `GetPayment`'s) waits for the server's
+/// delayed ACK: +40 ms per request at concurrency 1.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let args = Args::parse();
+    let listener = listen(args.bind)?;
+    eprintln!("bench_floor listening on {}", listener.local_addr()?);
+    server::serve(
+        listener,
+        Endpoint::builder().bind(BenchFloor).build(),
+        server::shutdown_signal(),
+    )
+    .await;
+    Ok(())
+}
