@@ -17,7 +17,7 @@
 //! and `Get` is a shared handler that answers the stored record (the floor of `GetPayment`).
 //! No logging, no parsing of the request body, no gateway. The records and answers have about
 //! the sizes of the service's (a stored payment is ~250 bytes of JSON), because sizes matter on
-//! the wire: see [`listen`].
+//! the wire: see [`server::listen`].
 //!
 //! ```text
 //! cargo run --release --example bench_floor -- --bind 127.0.0.1:9091
@@ -134,26 +134,11 @@ impl BenchFloor {
     }
 }
 
-/// Binds `addr` with `TCP_NODELAY` set on the listening socket, which Linux copies to every
-/// accepted connection (the SDK's `HttpServer` does not set it). Without it, an answer written
-/// in two parts (frames of a few hundred bytes, as `GetPayment`'s) waits for the server's
-/// delayed ACK: +40 ms per request at concurrency 1.
-fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let listener = listen(args.bind)?;
+    // TCP_NODELAY, as the service: see `server::listen`.
+    let listener = server::listen(args.bind)?;
     eprintln!("bench_floor listening on {}", listener.local_addr()?);
     server::serve(
         listener,
