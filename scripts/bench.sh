@@ -25,8 +25,8 @@
 # Results (JSON summaries, logs): .bench/<time>-<config>[-scale]/.
 # Environment: RUST_LOG is passed to payment-service (unset: its default, info);
 # the mock gateway runs with GATEWAY_DELAY_MS=0 and GATEWAY_DECLINE_RATE=0.
-# PAYMENT_SERVICE_BIN: measure this payment-service binary instead of the one
-# built here (e.g. a patched build, for an A/B comparison).
+# PAYMENT_SERVICE_BIN, BENCH_FLOOR_BIN: measure these binaries instead of the
+# ones built here (e.g. patched builds, for an A/B comparison).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -94,7 +94,7 @@ fi
 target_dir="${CARGO_TARGET_DIR:-target}"
 [[ "$target_dir" == /* ]] || target_dir="$repo_root/$target_dir"
 service_bin="${PAYMENT_SERVICE_BIN:-$target_dir/release/payment-service}"
-floor_bin="$target_dir/release/examples/bench_floor"
+floor_bin="${BENCH_FLOOR_BIN:-$target_dir/release/examples/bench_floor}"
 [[ -x "$service_bin" && -x "$floor_bin" ]] || die "binaries not built (drop --no-build)"
 
 # --- processes ------------------------------------------------------------------
@@ -266,7 +266,7 @@ run_one() { # run_one tuned|stock|FILE RESULT_JSON
         --latency-duration "$latency_duration" \
         --service-pid "$service_pid" --floor-pid "$floor_pid" --server-pid "$server_pid" \
         --label "$label" --json "$result" \
-        --note "payment-service $service_bin (sha256 $(sha256sum "$service_bin" 2>/dev/null | cut -c1-12)); RUST_LOG=${RUST_LOG:-unset}; restate-server $("$restate_server" --version 2>/dev/null | head -n1)" \
+        --note "payment-service $service_bin (sha256 $(sha256sum "$service_bin" 2>/dev/null | cut -c1-12)); floor $floor_bin; RUST_LOG=${RUST_LOG:-unset}; $("$restate_server" --version 2>/dev/null | head -n1)" \
         "${extra[@]}" > >(tee "$dir/report.txt") &
     client_pid=$!
     pids+=("$client_pid")
