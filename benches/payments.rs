@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, short = 'd', default_value_t = 10)]
     duration: u64,
     /// Floor / CreatePayment rounds, in ABBA order; each side runs `--duration` s per round.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     rounds: u32,
     /// Seconds each concurrency-1 latency scenario runs (0 skips them).
     #[arg(long, default_value_t = 10)]

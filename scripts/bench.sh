@@ -13,7 +13,7 @@
 #                 FILE.toml: another configuration file (for experiments)
 #   --concurrency N       concurrent requests [64]
 #   --duration S          seconds per scenario (per round for floor/create) [10]
-#   --rounds N            floor/CreatePayment rounds, alternated ABBA [4]
+#   --rounds N            floor/CreatePayment rounds, alternated ABBA [8]
 #   --latency-duration S  seconds per concurrency-1 scenario, 0 to skip [10]
 #   --scale               scale mode: p99 on an empty server vs with --preload
 #                         payments stored (takes ~2 min more per 100k)
@@ -35,7 +35,7 @@ cd "$repo_root"
 config=tuned
 concurrency=64
 duration=10
-rounds=4
+rounds=8
 latency_duration=10
 mode=standard
 preload=100000

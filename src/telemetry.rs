@@ -1,5 +1,6 @@
-//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), and silent while a
-//! handler replays its journal, so each event is logged once however often Restate replays.
+//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`: one line per outcome,
+//! and `debug` adds each step), and silent while a handler replays its journal, so each event
+//! is logged once however often Restate replays.
 
 use std::io::IsTerminal;
 
@@ -8,13 +9,15 @@ use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::Subscribe
 /// Installs the global subscriber. Call once, at the start of `main`.
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The level filter is global, so events below it cost a cached check and nothing more;
+    // the replay filter has to look at each event's span, so it stays on the layer.
     tracing_subscriber::registry()
+        .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_target(false)
                 .with_ansi(std::io::stderr().is_terminal())
-                .with_filter(filter)
                 .with_filter(restate_sdk::filter::ReplayAwareFilter),
         )
         .init();

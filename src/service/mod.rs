@@ -24,7 +24,7 @@ mod body;
 use std::sync::Arc;
 
 use restate_sdk::prelude::*;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::gateway::{
     ChargeRequest, ChargeResponse, PaymentGateway, RefundRequest as GatewayRefund, RetryPolicy,
@@ -153,7 +153,7 @@ impl PaymentService {
                 stored
             }
             None => {
-                info!(
+                debug!(
                     amount = %request.amount,
                     currency = %request.currency,
                     customer_id = %request.customer_id,
@@ -175,19 +175,26 @@ impl PaymentService {
 
         if payment.status == PaymentStatus::Completed {
             info!(
+                amount = %payment.amount,
+                currency = %payment.currency,
+                customer_id = %payment.customer_id,
                 charge_id = payment.charge_id.as_deref(),
                 "payment completed"
             );
             let customer_id = payment.customer_id.clone();
             ctx.run(|| async move {
                 // In production: an e-mail through a provider that takes an idempotency key.
-                info!(%customer_id, "sending receipt");
+                debug!(%customer_id, "sending receipt");
                 Ok(())
             })
             .name("receipt")
             .await?;
         } else {
-            warn!(error = payment.error_msg.as_deref(), "payment failed");
+            warn!(
+                customer_id = %payment.customer_id,
+                error = payment.error_msg.as_deref(),
+                "payment failed"
+            );
         }
         Ok(PaymentResult::settled(&payment))
     }
@@ -211,7 +218,7 @@ impl PaymentService {
         // is an outcome too, recorded like any other, so replays settle the payment the same way.
         let Json(outcome) = ctx
             .run(|| async move {
-                info!(idempotency_key = %request.idempotency_key, "charging through the gateway");
+                debug!(idempotency_key = %request.idempotency_key, "charging through the gateway");
                 let response =
                     with_retries(RetryPolicy::default(), || gateway.charge(request.clone())).await;
                 Ok(Json(match response {
@@ -250,7 +257,7 @@ impl PaymentService {
         let amount = payment.refundable_amount(request.amount)?;
         let charge_id = payment.charge_id.clone().unwrap_or_default();
         let id = PaymentId::parse(&payment.payment_id)?;
-        info!(%amount, reason = %request.reason, "refunding payment");
+        debug!(%amount, reason = %request.reason, "refunding payment");
 
         let call = GatewayRefund {
             idempotency_key: id.refund_key(),
@@ -261,7 +268,7 @@ impl PaymentService {
         let gateway = Arc::clone(&self.gateway);
         let Json(outcome) = ctx
             .run(|| async move {
-                info!(idempotency_key = %call.idempotency_key, "refunding through the gateway");
+                debug!(idempotency_key = %call.idempotency_key, "refunding through the gateway");
                 let response =
                     with_retries(RetryPolicy::default(), || gateway.refund(call.clone())).await;
                 Ok(Json(match response {
@@ -293,7 +300,12 @@ impl PaymentService {
         ctx.set(STATE_REFUND, Json(refund.clone()));
         payment.mark_refunded();
         ctx.set(STATE_PAYMENT, Json(payment));
-        info!(refund_id = %refund.refund_id, "refund completed");
+        info!(
+            amount = %refund.amount,
+            reason = %refund.reason,
+            refund_id = %refund.refund_id,
+            "refund completed"
+        );
         Ok(refund)
     }
 }
