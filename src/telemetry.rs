@@ -6,9 +6,16 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
+const SDK_SPAN: &str = "restate_sdk::endpoint=info";
+
 /// Installs the global subscriber. Call once, at the start of `main`.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The SDK's invocation span (target `restate_sdk::endpoint`, level info) carries the replay
+    // flag that the replay filter reads: it stays on whatever RUST_LOG says, or a filter such
+    // as `payment_service=debug` would log every replayed step again.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(SDK_SPAN.parse().expect("a valid directive"));
     // The level filter is global, so events below it cost a cached check and nothing more;
     // the replay filter has to look at each event's span, so it stays on the layer.
     tracing_subscriber::registry()

@@ -34,7 +34,12 @@ impl Default for RetryPolicy {
 
 /// Runs `call` until it succeeds, fails permanently, or has failed transiently
 /// `policy.max_attempts` times; the last error then says how many attempts were made.
-pub async fn with_retries<T, F, Fut>(policy: RetryPolicy, mut call: F) -> Result<T, GatewayError>
+/// `payment_id` is for the log lines of the retries.
+pub async fn with_retries<T, F, Fut>(
+    policy: RetryPolicy,
+    payment_id: &str,
+    mut call: F,
+) -> Result<T, GatewayError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, GatewayError>>,
@@ -44,7 +49,13 @@ where
     loop {
         match call().await {
             Err(GatewayError::Unavailable(reason)) if attempt < policy.max_attempts => {
-                tracing::warn!(attempt, %reason, retry_in = ?delay, "gateway unavailable, retrying");
+                tracing::warn!(
+                    %payment_id,
+                    attempt,
+                    %reason,
+                    retry_in = ?delay,
+                    "gateway unavailable, retrying"
+                );
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(policy.max_delay);
                 attempt += 1;
@@ -84,13 +95,15 @@ mod tests {
     #[tokio::test]
     async fn transient_errors_are_retried_until_success() {
         let calls = AtomicU32::new(0);
-        assert_eq!(with_retries(FAST, || flaky(&calls, 3)).await, Ok(4));
+        assert_eq!(with_retries(FAST, "p", || flaky(&calls, 3)).await, Ok(4));
     }
 
     #[tokio::test]
     async fn gives_up_after_max_attempts_saying_so() {
         let calls = AtomicU32::new(0);
-        let err = with_retries(FAST, || flaky(&calls, 100)).await.unwrap_err();
+        let err = with_retries(FAST, "p", || flaky(&calls, 100))
+            .await
+            .unwrap_err();
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         assert_eq!(
             err,
@@ -101,7 +114,7 @@ mod tests {
     #[tokio::test]
     async fn permanent_errors_are_not_retried() {
         let calls = AtomicU32::new(0);
-        let err = with_retries(FAST, || async {
+        let err = with_retries(FAST, "p", || async {
             calls.fetch_add(1, Ordering::SeqCst);
             Err::<(), _>(GatewayError::Rejected("bad key".into()))
         })

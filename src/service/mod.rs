@@ -24,7 +24,7 @@ mod body;
 use std::sync::Arc;
 
 use restate_sdk::prelude::*;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::gateway::{
     ChargeRequest, ChargeResponse, PaymentGateway, RefundRequest as GatewayRefund, RetryPolicy,
@@ -72,11 +72,6 @@ impl PaymentService {
     }
 }
 
-/// Every log line of a handler carries the payment ID (the SDK's span carries the handler).
-fn payment_span(key: &str) -> tracing::Span {
-    info_span!("payment", payment_id = %key)
-}
-
 #[restate_sdk::object(name = "PaymentService")]
 impl PaymentService {
     /// Creates and charges a payment, once per payment ID.
@@ -86,9 +81,9 @@ impl PaymentService {
         ctx: ObjectContext<'_>,
         body: JsonBody<CreatePaymentBody>,
     ) -> Result<Json<PaymentResult>, TerminalError> {
-        let span = payment_span(ctx.key());
-        let result = self.create(ctx, body).instrument(span.clone()).await;
-        span.in_scope(|| log_refusal(&result));
+        let payment_id = ctx.key().to_owned();
+        let result = self.create(ctx, body).await;
+        log_refusal(&payment_id, &result);
         result.map(Json)
     }
 
@@ -99,7 +94,6 @@ impl PaymentService {
         ctx: SharedObjectContext<'_>,
         _body: JsonBody<NoInput>,
     ) -> Result<Json<Payment>, TerminalError> {
-        let span = payment_span(ctx.key());
         let not_found = || PaymentError::NotFound {
             payment_id: ctx.key().to_owned(),
         };
@@ -108,7 +102,7 @@ impl PaymentService {
             Ok(None) => Err(not_found().into()),
             Err(e) => Err(e),
         };
-        span.in_scope(|| log_refusal(&result));
+        log_refusal(ctx.key(), &result);
         result
     }
 
@@ -119,9 +113,9 @@ impl PaymentService {
         ctx: ObjectContext<'_>,
         body: JsonBody<RefundPaymentBody>,
     ) -> Result<Json<Refund>, TerminalError> {
-        let span = payment_span(ctx.key());
-        let result = self.refund(ctx, body).instrument(span.clone()).await;
-        span.in_scope(|| log_refusal(&result));
+        let payment_id = ctx.key().to_owned();
+        let result = self.refund(ctx, body).await;
+        log_refusal(&payment_id, &result);
         result.map(Json)
     }
 }
@@ -142,18 +136,19 @@ impl PaymentService {
         }
         let mut payment = match stored {
             Some(Json(stored)) if stored.status != PaymentStatus::Pending => {
-                info!(status = %stored.status, "payment already processed");
+                info!(payment_id = %id, status = %stored.status, "payment already processed");
                 return Ok(PaymentResult::already_processed(&stored));
             }
             // Only an invocation stopped from outside (e.g. cancelled by an operator) leaves a
             // payment pending. Charging again is safe: the key makes the gateway answer the
             // first charge's result if there was one.
             Some(Json(stored)) => {
-                warn!("resuming a pending payment");
+                warn!(payment_id = %id, "resuming a pending payment");
                 stored
             }
             None => {
                 debug!(
+                    payment_id = %id,
                     amount = %request.amount,
                     currency = %request.currency,
                     customer_id = %request.customer_id,
@@ -175,22 +170,24 @@ impl PaymentService {
 
         if payment.status == PaymentStatus::Completed {
             info!(
+                payment_id = %id,
                 amount = %payment.amount,
                 currency = %payment.currency,
                 customer_id = %payment.customer_id,
                 charge_id = payment.charge_id.as_deref(),
                 "payment completed"
             );
-            let customer_id = payment.customer_id.clone();
+            let (payment_id, customer_id) = (id.as_str(), payment.customer_id.as_str());
             ctx.run(|| async move {
                 // In production: an e-mail through a provider that takes an idempotency key.
-                debug!(%customer_id, "sending receipt");
+                debug!(%payment_id, %customer_id, "sending receipt");
                 Ok(())
             })
             .name("receipt")
             .await?;
         } else {
             warn!(
+                payment_id = %id,
                 customer_id = %payment.customer_id,
                 error = payment.error_msg.as_deref(),
                 "payment failed"
@@ -218,9 +215,12 @@ impl PaymentService {
         // is an outcome too, recorded like any other, so replays settle the payment the same way.
         let Json(outcome) = ctx
             .run(|| async move {
-                debug!(idempotency_key = %request.idempotency_key, "charging through the gateway");
-                let response =
-                    with_retries(RetryPolicy::default(), || gateway.charge(request.clone())).await;
+                let payment_id = request.payment_id.as_str();
+                debug!(%payment_id, idempotency_key = %request.idempotency_key, "charging through the gateway");
+                let response = with_retries(RetryPolicy::default(), payment_id, || {
+                    gateway.charge(request.clone())
+                })
+                .await;
                 Ok(Json(match response {
                     Ok(ChargeResponse::Succeeded { charge_id }) => ChargeOutcome::Charged {
                         charge_id,
@@ -245,7 +245,7 @@ impl PaymentService {
         let request = RefundRequest::parse(body.as_bytes())?;
 
         if let Some(Json(refund)) = ctx.get::<Json<Refund>>(STATE_REFUND).await? {
-            info!(refund_id = %refund.refund_id, "refund already processed");
+            info!(payment_id = ctx.key(), refund_id = %refund.refund_id, "refund already processed");
             return Ok(refund);
         }
         let Some(Json(mut payment)) = ctx.get::<Json<Payment>>(STATE_PAYMENT).await? else {
@@ -257,7 +257,7 @@ impl PaymentService {
         let amount = payment.refundable_amount(request.amount)?;
         let charge_id = payment.charge_id.clone().unwrap_or_default();
         let id = PaymentId::parse(&payment.payment_id)?;
-        debug!(%amount, reason = %request.reason, "refunding payment");
+        debug!(payment_id = %id, %amount, reason = %request.reason, "refunding payment");
 
         let call = GatewayRefund {
             idempotency_key: id.refund_key(),
@@ -268,9 +268,12 @@ impl PaymentService {
         let gateway = Arc::clone(&self.gateway);
         let Json(outcome) = ctx
             .run(|| async move {
-                debug!(idempotency_key = %call.idempotency_key, "refunding through the gateway");
-                let response =
-                    with_retries(RetryPolicy::default(), || gateway.refund(call.clone())).await;
+                let payment_id = call.payment_id.as_str();
+                debug!(%payment_id, idempotency_key = %call.idempotency_key, "refunding through the gateway");
+                let response = with_retries(RetryPolicy::default(), payment_id, || {
+                    gateway.refund(call.clone())
+                })
+                .await;
                 Ok(Json(match response {
                     Ok(r) => RefundOutcome::Refunded {
                         refund_id: r.refund_id,
@@ -288,7 +291,7 @@ impl PaymentService {
             // Nothing is stored: the payment stays completed and a later RefundPayment tries
             // again, with the same key, so a refund the gateway did make is not made twice.
             RefundOutcome::Failed { reason } => {
-                warn!(%reason, "refund not processed");
+                warn!(payment_id = %id, %reason, "refund not processed");
                 return Err(TerminalError::new_with_code(
                     503,
                     format!("refund not processed, try again later: {reason}"),
@@ -301,6 +304,7 @@ impl PaymentService {
         payment.mark_refunded();
         ctx.set(STATE_PAYMENT, Json(payment));
         info!(
+            payment_id = %id,
             amount = %refund.amount,
             reason = %refund.reason,
             refund_id = %refund.refund_id,
@@ -311,8 +315,8 @@ impl PaymentService {
 }
 
 /// Logs a refused request once, with its status code, so a 4xx is never silent.
-fn log_refusal<T>(result: &Result<T, TerminalError>) {
+fn log_refusal<T>(payment_id: &str, result: &Result<T, TerminalError>) {
     if let Err(e) = result {
-        info!(code = e.code(), reason = e.message(), "request refused");
+        info!(%payment_id, code = e.code(), reason = e.message(), "request refused");
     }
 }
