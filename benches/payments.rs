@@ -777,46 +777,33 @@ async fn standard(args: &Args, bench: &Bench, id: &str) -> anyhow::Result<Value>
     rows.push(floor);
     rows.push(create_all);
 
-    let dup = bench
-        .run(&Scenario {
-            expect: Some("already processed"),
-            ..args.scenario(
-                "create duplicate",
-                "PaymentService",
-                "CreatePayment",
-                CREATE_BODY,
-                Keys::Random(Arc::clone(&created)),
-            )
-        })
-        .await;
-    print_row(&dup);
-    let get = bench
-        .run(&Scenario {
-            expect: Some("\"completed\""),
-            ..args.scenario(
-                "get",
-                "PaymentService",
-                "GetPayment",
-                EMPTY_BODY,
-                Keys::Random(Arc::clone(&created)),
-            )
-        })
-        .await;
-    print_row(&get);
-    let refund = bench
-        .run(&Scenario {
-            expect: Some("refundId"),
-            ..args.scenario(
-                "refund",
-                "PaymentService",
-                "RefundPayment",
-                REFUND_BODY,
-                Keys::Once(Arc::clone(&created)),
-            )
-        })
-        .await;
-    print_row(&refund);
-    rows.extend([dup, get, refund]);
+    // The other handlers, on the payments just created: a refund takes each payment once.
+    let others = [
+        (
+            "create duplicate",
+            "CreatePayment",
+            CREATE_BODY,
+            "already processed",
+            false,
+        ),
+        ("get", "GetPayment", EMPTY_BODY, "\"completed\"", false),
+        ("refund", "RefundPayment", REFUND_BODY, "refundId", true),
+    ];
+    for (name, handler, body, expect, once) in others {
+        let keys = if once {
+            Keys::Once(Arc::clone(&created))
+        } else {
+            Keys::Random(Arc::clone(&created))
+        };
+        let stats = bench
+            .run(&Scenario {
+                expect: Some(expect),
+                ..args.scenario(name, "PaymentService", handler, body, keys)
+            })
+            .await;
+        print_row(&stats);
+        rows.push(stats);
+    }
 
     // Concurrency 1: latency with the server idle but for one request.
     let mut c1: BTreeMap<&'static str, Stats> = BTreeMap::new();
