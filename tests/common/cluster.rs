@@ -46,7 +46,7 @@ use serde_json::{Value, json};
 
 use super::{
     REQUEST_TIMEOUT, SERVICE, TestApp, checked_server_binary, healthy, http_client, process,
-    service_binary, service_command, wait_service,
+    service_binary, spawn_service,
 };
 
 /// Nodes in the cluster.
@@ -544,18 +544,13 @@ impl OwnedCluster {
         let mut slot = lock(&self.service_pid);
         anyhow::ensure!(slot.is_none(), "payment-service is already running");
         let began = Instant::now();
-        let log = self.dir.join(SERVICE_LOG);
-        let mut cmd = service_command(&self.service_bin, self.service_addr, &self.ledger);
-        cmd.envs(self.service_env.iter().map(|(k, v)| (k, v)));
-        let pid = process::spawn_logged(cmd, &log)
-            .with_context(|| format!("spawning {}", self.service_bin))?;
-        if let Err(e) = wait_service(pid, self.service_addr) {
-            process::kill(pid);
-            return Err(e.context(format!(
-                "--- {SERVICE_LOG} ---\n{}",
-                process::tail(&log, 40)
-            )));
-        }
+        let pid = spawn_service(
+            &self.service_bin,
+            self.service_addr,
+            &self.ledger,
+            &self.service_env,
+            &self.dir.join(SERVICE_LOG),
+        )?;
         *slot = Some(pid);
         Ok(began.elapsed())
     }

@@ -626,6 +626,29 @@ fn service_command(bin: &str, addr: SocketAddr, ledger: &Path) -> Command {
     cmd
 }
 
+/// Spawns the service with `env` added, its output appended to `log`, and waits until it accepts
+/// connections on `addr`; on failure it is killed and the error carries the log's tail.
+fn spawn_service(
+    bin: &str,
+    addr: SocketAddr,
+    ledger: &Path,
+    env: &[(String, String)],
+    log: &Path,
+) -> anyhow::Result<u32> {
+    let mut cmd = service_command(bin, addr, ledger);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    let pid = process::spawn_logged(cmd, log).with_context(|| format!("spawning {bin}"))?;
+    if let Err(e) = wait_service(pid, addr) {
+        process::kill(pid);
+        return Err(e.context(format!(
+            "--- {} ---\n{}",
+            log.display(),
+            process::tail(log, 40)
+        )));
+    }
+    Ok(pid)
+}
+
 /// Waits until the service `pid` accepts connections on `addr`.
 fn wait_service(pid: u32, addr: SocketAddr) -> anyhow::Result<()> {
     wait_until(SERVICE_READY_TIMEOUT, "payment-service to listen", || {

@@ -24,8 +24,7 @@ use reqwest::blocking::Client;
 
 use super::{
     REQUEST_TIMEOUT, START_ATTEMPTS, ServerPorts, TestApp, checked_server_binary, http_client,
-    process, register, service_binary, service_command, spawn_server, wait_for_ingress,
-    wait_server, wait_service,
+    process, register, service_binary, spawn_server, spawn_service, wait_for_ingress, wait_server,
 };
 
 /// restate-server and payment-service, each killable and restartable in place.
@@ -175,18 +174,13 @@ impl OwnedStack {
         let mut slot = lock(&self.service_pid);
         anyhow::ensure!(slot.is_none(), "payment-service is already running");
         let began = Instant::now();
-        let log = self.dir.join(SERVICE_LOG);
-        let mut cmd = service_command(&self.service_bin, self.service_addr, &self.ledger);
-        cmd.envs(self.service_env.iter().map(|(k, v)| (k, v)));
-        let pid = process::spawn_logged(cmd, &log)
-            .with_context(|| format!("spawning {}", self.service_bin))?;
-        if let Err(e) = wait_service(pid, self.service_addr) {
-            process::kill(pid);
-            return Err(e.context(format!(
-                "--- {SERVICE_LOG} ---\n{}",
-                process::tail(&log, 40)
-            )));
-        }
+        let pid = spawn_service(
+            &self.service_bin,
+            self.service_addr,
+            &self.ledger,
+            &self.service_env,
+            &self.dir.join(SERVICE_LOG),
+        )?;
         *slot = Some(pid);
         Ok(began.elapsed())
     }
