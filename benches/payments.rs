@@ -661,6 +661,20 @@ fn run_id() -> String {
 }
 
 impl Args {
+    /// CreatePayment on fresh IDs starting with `prefix`, each answered `completed`.
+    fn create_fresh(&self, name: impl Into<String>, prefix: String) -> Scenario {
+        Scenario {
+            expect: Some("\"completed\""),
+            ..self.scenario(
+                name,
+                "PaymentService",
+                "CreatePayment",
+                CREATE_BODY,
+                fresh(prefix),
+            )
+        }
+    }
+
     fn scenario(
         &self,
         name: impl Into<String>,
@@ -692,16 +706,7 @@ async fn standard(args: &Args, bench: &Bench, id: &str) -> anyhow::Result<Value>
         expect: Some("completed"),
         ..args.scenario(name, "BenchFloor", "Create", CREATE_BODY, fresh(prefix))
     };
-    let create = |name: String, prefix: String| Scenario {
-        expect: Some("\"completed\""),
-        ..args.scenario(
-            name,
-            "PaymentService",
-            "CreatePayment",
-            CREATE_BODY,
-            fresh(prefix),
-        )
-    };
+    let create = |name: String, prefix: String| args.create_fresh(name, prefix);
 
     if args.warmup > 0 {
         eprintln!(
@@ -1018,16 +1023,7 @@ fn merge(name: &str, rounds: &[Stats]) -> Stats {
 }
 
 async fn scale(args: &Args, bench: &Bench, id: &str) -> anyhow::Result<Value> {
-    let create = |name: &str, prefix: String| Scenario {
-        expect: Some("\"completed\""),
-        ..args.scenario(
-            name,
-            "PaymentService",
-            "CreatePayment",
-            CREATE_BODY,
-            fresh(prefix),
-        )
-    };
+    let create = |name: &str, prefix: String| args.create_fresh(name, prefix);
     let get = |name: &str, pool: &Arc<Vec<String>>| Scenario {
         expect: Some("\"status\""),
         ..args.scenario(
