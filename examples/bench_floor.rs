@@ -4,14 +4,13 @@
 //!
 //! `BenchFloor/<id>/Create` journals what `CreatePayment` journals for a new payment:
 //!
-//! | # | entry             | here                                               |
-//! |---|-------------------|----------------------------------------------------|
-//! | 1 | get state `state` | a stored record is answered with a constant        |
-//! | 2 | run `accept`      | a timestamp                                        |
-//! | 3 | set state `state` | a `pending` record                                 |
-//! | 4 | run `charge`      | a small struct (a charge ID and a timestamp)       |
-//! | 5 | set state `state` | a `completed` record                               |
-//! | 6 | run `receipt`     | nothing                                            |
+//! | # | entry             | here                                                 |
+//! |---|-------------------|------------------------------------------------------|
+//! | 1 | get state `state` | a stored record is answered with a constant          |
+//! | 2 | set state `state` | a `pending` record                                   |
+//! | 3 | run `charge`      | a small struct (a charge ID and two timestamps)      |
+//! | 4 | set state `state` | a `completed` record                                 |
+//! | 5 | run `receipt`     | nothing                                              |
 //!
 //! A second `Create` on the same key is step 1 only (the floor of a duplicate `CreatePayment`),
 //! and `Get` is a shared handler that answers the stored record (the floor of `GetPayment`).
@@ -54,7 +53,7 @@ struct Args {
 struct Record {
     status: String,
     charge_id: Option<String>,
-    accepted_at: u64,
+    accepted_at: Option<u64>,
     charged_at: Option<u64>,
     padding: String,
 }
@@ -63,6 +62,7 @@ struct Record {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Charged {
+    started_at: u64,
     charge_id: String,
     at: u64,
 }
@@ -83,16 +83,12 @@ impl BenchFloor {
         if ctx.get::<Bytes>(STATE).await?.is_some() {
             return Ok(Bytes::from_static(ANSWER));
         }
-        let Json(accepted_at) = ctx
-            .run(|| async { Ok(Json(now_millis())) })
-            .name("accept")
-            .await?;
         ctx.set(
             STATE,
             Json(Record {
                 status: "pending".to_owned(),
                 charge_id: None,
-                accepted_at,
+                accepted_at: None,
                 charged_at: None,
                 padding: PADDING.to_owned(),
             }),
@@ -100,6 +96,7 @@ impl BenchFloor {
         let Json(charged) = ctx
             .run(|| async {
                 Ok(Json(Charged {
+                    started_at: now_millis(),
                     charge_id: "ch_00000000000000000000000000000000".to_owned(),
                     at: now_millis(),
                 }))
@@ -111,7 +108,7 @@ impl BenchFloor {
             Json(Record {
                 status: "completed".to_owned(),
                 charge_id: Some(charged.charge_id),
-                accepted_at,
+                accepted_at: Some(charged.started_at),
                 charged_at: Some(charged.at),
                 padding: PADDING.to_owned(),
             }),

@@ -66,15 +66,28 @@ pub struct Payment {
     pub status: PaymentStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub charge_id: Option<String>,
-    pub created_at: Timestamp,
+    /// When the charge was submitted to the gateway, taken by the charge step and journaled
+    /// with its result. A pending payment has none yet: no step before the charge reads the
+    /// clock, because each `ctx.run` would be one more durable round trip per payment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_msg: Option<String>,
 }
 
-/// What the charge step settled on. It is the result of a journaled step, so it is recorded
-/// once and replayed as recorded.
+/// The charge step's result. It is the result of a journaled step, so it is recorded once and
+/// replayed as recorded, clock readings included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChargeStep {
+    /// When the step began: the payment's `createdAt`.
+    pub started_at: Timestamp,
+    pub result: ChargeOutcome,
+}
+
+/// What the charge settled on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "camelCase")]
 pub enum ChargeOutcome {
@@ -89,7 +102,7 @@ pub enum ChargeOutcome {
 
 impl Payment {
     /// A new payment, not yet charged.
-    pub fn pending(id: &PaymentId, request: NewPayment, created_at: Timestamp) -> Self {
+    pub fn pending(id: &PaymentId, request: NewPayment) -> Self {
         Self {
             payment_id: id.as_str().to_owned(),
             amount: request.amount,
@@ -98,16 +111,18 @@ impl Payment {
             customer_id: request.customer_id,
             status: PaymentStatus::Pending,
             charge_id: None,
-            created_at,
+            created_at: None,
             completed_at: None,
             error_msg: None,
         }
     }
 
-    /// Records the charge's outcome: `completed` with its charge ID, or `failed` with why.
-    pub fn settle(&mut self, outcome: ChargeOutcome) {
+    /// Records the charge step's result: `completed` with its charge ID, or `failed` with why.
+    /// `createdAt` is the step's start, unless the payment already had one.
+    pub fn settle(&mut self, step: ChargeStep) {
         debug_assert_eq!(self.status, PaymentStatus::Pending);
-        match outcome {
+        self.created_at.get_or_insert(step.started_at);
+        match step.result {
             ChargeOutcome::Charged { charge_id, at } => {
                 self.status = PaymentStatus::Completed;
                 self.charge_id = Some(charge_id);
@@ -267,15 +282,22 @@ mod tests {
 
     fn pending(amount: u64) -> Payment {
         let id = PaymentId::parse("payment-001").unwrap();
-        Payment::pending(&id, request(amount), Timestamp::now())
+        Payment::pending(&id, request(amount))
+    }
+
+    fn step(result: ChargeOutcome) -> ChargeStep {
+        ChargeStep {
+            started_at: Timestamp::now(),
+            result,
+        }
     }
 
     fn completed(amount: u64) -> Payment {
         let mut p = pending(amount);
-        p.settle(ChargeOutcome::Charged {
+        p.settle(step(ChargeOutcome::Charged {
             charge_id: "ch_1".into(),
             at: Timestamp::now(),
-        });
+        }));
         p
     }
 
@@ -294,9 +316,9 @@ mod tests {
     #[test]
     fn decline_fails_with_the_reason_as_message() {
         let mut p = pending(10000);
-        p.settle(ChargeOutcome::Declined {
+        p.settle(step(ChargeOutcome::Declined {
             reason: "insufficient funds".into(),
-        });
+        }));
         assert_eq!(p.status, PaymentStatus::Failed);
         assert_eq!(p.error_msg.as_deref(), Some("insufficient funds"));
         assert_eq!(p.completed_at, None);
@@ -309,9 +331,9 @@ mod tests {
     #[test]
     fn unavailable_gateway_fails_saying_why() {
         let mut p = pending(10000);
-        p.settle(ChargeOutcome::Failed {
+        p.settle(step(ChargeOutcome::Failed {
             reason: "gateway unavailable: timeout (gave up after 5 attempts)".into(),
-        });
+        }));
         assert_eq!(p.status, PaymentStatus::Failed);
         assert!(p.error_msg.unwrap().contains("gave up after 5 attempts"));
     }
@@ -401,6 +423,7 @@ mod tests {
         assert_eq!(json["status"], "pending");
         assert_eq!(json["amount"], 10000);
         assert!(json.get("chargeId").is_none());
+        assert!(json.get("createdAt").is_none());
         assert!(json.get("completedAt").is_none());
         assert!(json.get("errorMsg").is_none());
         let back: Payment = serde_json::from_value(json).unwrap();
@@ -408,13 +431,36 @@ mod tests {
     }
 
     #[test]
-    fn charge_outcome_round_trips() {
-        let o = ChargeOutcome::Charged {
+    fn settling_takes_created_at_from_the_charge_step() {
+        let mut p = pending(10000);
+        let started_at = Timestamp::now();
+        p.settle(ChargeStep {
+            started_at,
+            result: ChargeOutcome::Declined {
+                reason: "insufficient funds".into(),
+            },
+        });
+        assert_eq!(p.created_at, Some(started_at));
+
+        // A payment resumed with a `createdAt` of its own keeps it.
+        let mut resumed = pending(10000);
+        let first = Timestamp::now();
+        resumed.created_at = Some(first);
+        resumed.settle(step(ChargeOutcome::Failed {
+            reason: "gateway unavailable".into(),
+        }));
+        assert_eq!(resumed.created_at, Some(first));
+    }
+
+    #[test]
+    fn charge_step_round_trips() {
+        let s = step(ChargeOutcome::Charged {
             charge_id: "ch_1".into(),
             at: Timestamp::now(),
-        };
-        let json = serde_json::to_string(&o).unwrap();
+        });
+        let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains("\"outcome\":\"charged\""), "{json}");
-        assert_eq!(serde_json::from_str::<ChargeOutcome>(&json).unwrap(), o);
+        assert!(json.contains("\"startedAt\":"), "{json}");
+        assert_eq!(serde_json::from_str::<ChargeStep>(&json).unwrap(), s);
     }
 }

@@ -5,19 +5,20 @@
 //! (`CreatePayment`, `RefundPayment`) per payment at a time, so concurrent duplicates queue up
 //! and each finds what the first one stored.
 //!
-//! `CreatePayment`'s journal for a new payment, step by step:
+//! `CreatePayment`'s journal for a new payment, step by step (the seed's shape):
 //!
 //! | # | entry               | why                                                         |
 //! |---|---------------------|-------------------------------------------------------------|
 //! | 1 | get state `payment` | deduplication: a stored payment is answered as it is        |
-//! | 2 | run `accept`        | `createdAt`, read from the clock once and journaled          |
-//! | 3 | set state `payment` | `pending`, visible to `GetPayment` while the charge runs     |
-//! | 4 | run `charge`        | the gateway call with key `charge:<id>`, plus `completedAt` |
-//! | 5 | set state `payment` | `completed` or `failed`                                     |
-//! | 6 | run `receipt`       | the seed's receipt, only after a successful charge          |
+//! | 2 | set state `payment` | `pending`, visible to `GetPayment` while the charge runs     |
+//! | 3 | run `charge`        | the gateway call with key `charge:<id>`; its result carries  |
+//! |   |                     | both clock readings, `createdAt` and `completedAt`          |
+//! | 4 | set state `payment` | `completed` or `failed`                                     |
+//! | 5 | run `receipt`       | the seed's receipt, only after a successful charge          |
 //!
-//! A duplicate is step 1 and nothing else. Step 2 cannot fold into step 4: the pending record
-//! must carry `createdAt` before the charge starts, and only a journaled step may read the clock.
+//! A duplicate is step 1 and nothing else. Every `ctx.run` is a durable round trip to
+//! restate-server, so no step reads the clock on its own: the pending record has no
+//! `createdAt` until the charge step records it.
 
 mod body;
 
@@ -31,7 +32,7 @@ use crate::gateway::{
     with_retries,
 };
 use crate::payment::{
-    ChargeOutcome, CreatePaymentBody, NewPayment, NoInput, Payment, PaymentError, PaymentId,
+    ChargeOutcome, ChargeStep, CreatePaymentBody, NewPayment, NoInput, Payment, PaymentError, PaymentId,
     PaymentResult, PaymentStatus, Refund, RefundOutcome, RefundPaymentBody, RefundRequest,
     Timestamp,
 };
@@ -154,18 +155,14 @@ impl PaymentService {
                     customer_id = %request.customer_id,
                     "creating payment"
                 );
-                let Json(created_at) = ctx
-                    .run(|| async { Ok(Json(Timestamp::now())) })
-                    .name("accept")
-                    .await?;
-                let pending = Payment::pending(&id, request, created_at);
+                let pending = Payment::pending(&id, request);
                 ctx.set(STATE_PAYMENT, Json(pending.clone()));
                 pending
             }
         };
 
-        let outcome = self.charge(&ctx, &id, &payment).await?;
-        payment.settle(outcome);
+        let step = self.charge(&ctx, &id, &payment).await?;
+        payment.settle(step);
         ctx.set(STATE_PAYMENT, Json(payment.clone()));
 
         if payment.status == PaymentStatus::Completed {
@@ -196,13 +193,14 @@ impl PaymentService {
         Ok(PaymentResult::settled(&payment))
     }
 
-    /// The charge, as one journaled step: its outcome is recorded once and replayed as recorded.
+    /// The charge, as one journaled step: its outcome and both clock readings are recorded
+    /// once and replayed as recorded.
     async fn charge(
         &self,
         ctx: &ObjectContext<'_>,
         id: &PaymentId,
         payment: &Payment,
-    ) -> Result<ChargeOutcome, TerminalError> {
+    ) -> Result<ChargeStep, TerminalError> {
         let request = ChargeRequest {
             idempotency_key: id.charge_key(),
             payment_id: id.as_str().to_owned(),
@@ -213,15 +211,16 @@ impl PaymentService {
         let gateway = Arc::clone(&self.gateway);
         // The step never fails: a gateway that gives no final word within the retry budget
         // is an outcome too, recorded like any other, so replays settle the payment the same way.
-        let Json(outcome) = ctx
+        let Json(step) = ctx
             .run(|| async move {
+                let started_at = Timestamp::now();
                 let payment_id = request.payment_id.as_str();
                 debug!(%payment_id, idempotency_key = %request.idempotency_key, "charging through the gateway");
                 let response = with_retries(RetryPolicy::default(), payment_id, || {
                     gateway.charge(request.clone())
                 })
                 .await;
-                Ok(Json(match response {
+                let result = match response {
                     Ok(ChargeResponse::Succeeded { charge_id }) => ChargeOutcome::Charged {
                         charge_id,
                         at: Timestamp::now(),
@@ -230,11 +229,12 @@ impl PaymentService {
                     Err(e) => ChargeOutcome::Failed {
                         reason: e.to_string(),
                     },
-                }))
+                };
+                Ok(Json(ChargeStep { started_at, result }))
             })
             .name("charge")
             .await?;
-        Ok(outcome)
+        Ok(step)
     }
 
     async fn refund(
