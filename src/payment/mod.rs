@@ -12,7 +12,8 @@ pub mod types;
 
 pub use error::PaymentError;
 pub use model::{
-    ChargeOutcome, ChargeStep, Payment, PaymentResult, PaymentStatus, Refund, RefundOutcome, RefundStatus,
+    ChargeOutcome, ChargeStep, Payment, PaymentResult, PaymentStatus, Refund, RefundOutcome,
+    RefundStatus,
 };
 pub use request::{
     CreatePaymentBody, NewPayment, NoInput, RefundAmount, RefundPaymentBody, RefundRequest,

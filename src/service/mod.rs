@@ -32,9 +32,9 @@ use crate::gateway::{
     with_retries,
 };
 use crate::payment::{
-    ChargeOutcome, ChargeStep, CreatePaymentBody, NewPayment, NoInput, Payment, PaymentError, PaymentId,
-    PaymentResult, PaymentStatus, Refund, RefundOutcome, RefundPaymentBody, RefundRequest,
-    Timestamp,
+    ChargeOutcome, ChargeStep, CreatePaymentBody, NewPayment, NoInput, Payment, PaymentError,
+    PaymentId, PaymentResult, PaymentStatus, Refund, RefundOutcome, RefundPaymentBody,
+    RefundRequest, Timestamp,
 };
 
 pub use body::JsonBody;
