@@ -45,6 +45,10 @@ struct Args {
     /// Address to listen on for the Restate server (HTTP/2 cleartext).
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:9091")]
     bind: SocketAddr,
+    /// Tokio worker threads; the same variable and default as the service's, so that the
+    /// floor and the service differ by their handlers only.
+    #[arg(long, env = "WORKER_THREADS", default_value_t = 1)]
+    worker_threads: usize,
 }
 
 /// What the floor stores: `pending` after step 3, `completed` after step 5.
@@ -131,9 +135,12 @@ impl BenchFloor {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
+fn main() -> std::io::Result<()> {
     let args = Args::parse();
+    server::runtime(args.worker_threads)?.block_on(run(args))
+}
+
+async fn run(args: Args) -> std::io::Result<()> {
     // TCP_NODELAY, as the service: see `server::listen`.
     let listener = server::listen(args.bind)?;
     eprintln!("bench_floor listening on {}", listener.local_addr()?);

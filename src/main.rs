@@ -6,11 +6,15 @@ use anyhow::Context as _;
 use clap::Parser;
 use payment_service::{config::Config, gateway::MockGateway, server, telemetry};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init();
+    server::runtime(config.worker_threads.into())
+        .context("starting the async runtime")?
+        .block_on(run(config))
+}
 
+async fn run(config: Config) -> anyhow::Result<()> {
     let gateway = MockGateway::new(config.mock_gateway()).context("starting the mock gateway")?;
     let listener =
         server::listen(config.bind).with_context(|| format!("binding {}", config.bind))?;
@@ -18,6 +22,7 @@ async fn main() -> anyhow::Result<()> {
         addr = %listener.local_addr()?,
         gateway_delay_ms = config.gateway_delay_ms,
         gateway_decline_rate = config.gateway_decline_rate,
+        worker_threads = config.worker_threads,
         "payment-service listening"
     );
     let endpoint = server::endpoint(Arc::new(gateway), &config.identity_keys)?;

@@ -26,6 +26,17 @@ pub fn endpoint(
     Ok(builder.build())
 }
 
+/// The tokio runtime the endpoint runs on, with `worker_threads` threads for the handlers and
+/// connections (see `Config::worker_threads`). Measured on 2 cores: one worker took the
+/// service's CPU per payment from ~185 to ~145 µs and its context switches down six-fold, as
+/// the handler and its HTTP/2 connection no longer wake each other across threads.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
+        .enable_all()
+        .build()
+}
+
 /// Binds `addr` for the endpoint, with `TCP_NODELAY` set on the listening socket (Linux copies
 /// it to every accepted connection; the SDK's `HttpServer` does not set it). Without it, an
 /// answer written in two small HTTP/2 frames waits for the Restate server's delayed ACK: about
