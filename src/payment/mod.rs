@@ -18,4 +18,4 @@ pub use model::{
 pub use request::{
     CreatePaymentBody, NewPayment, NoInput, RefundAmount, RefundPaymentBody, RefundRequest,
 };
-pub use types::{Amount, Currency, MAX_AMOUNT, PaymentId, Timestamp};
+pub use types::{Amount, Currency, MAX_AMOUNT, PaymentId, Timestamp, epoch_millis};

@@ -14,7 +14,9 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Amount, Currency, NewPayment, PaymentError, PaymentId, RefundAmount, Timestamp};
+use super::{
+    Amount, Currency, NewPayment, PaymentError, PaymentId, RefundAmount, Timestamp, epoch_millis,
+};
 
 /// The message of a payment that was just charged.
 pub const MSG_PROCESSED: &str = "Payment processed successfully";
@@ -78,12 +80,17 @@ pub struct Payment {
 }
 
 /// The charge step's result. It is the result of a journaled step, so it is recorded once and
-/// replayed as recorded, clock readings included.
+/// replayed as recorded, clock readings included. One flat JSON object with timestamps in
+/// epoch milliseconds, e.g. `{"startedAt":1795826813514,"outcome":"charged","chargeId":"ch_…",
+/// "at":1795826813514}`: journal entries are internal, and each byte of them crosses
+/// restate-server's log and storage several times.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChargeStep {
     /// When the step began: the payment's `createdAt`.
+    #[serde(with = "epoch_millis")]
     pub started_at: Timestamp,
+    #[serde(flatten)]
     pub result: ChargeOutcome,
 }
 
@@ -93,7 +100,11 @@ pub struct ChargeStep {
 pub enum ChargeOutcome {
     /// The gateway took the money.
     #[serde(rename_all = "camelCase")]
-    Charged { charge_id: String, at: Timestamp },
+    Charged {
+        charge_id: String,
+        #[serde(with = "epoch_millis")]
+        at: Timestamp,
+    },
     /// The gateway refused the charge (e.g. "insufficient funds").
     Declined { reason: String },
     /// The gateway gave no final word within the retry budget, or refused the request itself.
@@ -248,7 +259,11 @@ pub struct Refund {
 #[serde(tag = "outcome", rename_all = "camelCase")]
 pub enum RefundOutcome {
     #[serde(rename_all = "camelCase")]
-    Refunded { refund_id: String, at: Timestamp },
+    Refunded {
+        refund_id: String,
+        #[serde(with = "epoch_millis")]
+        at: Timestamp,
+    },
     /// The gateway gave no final word within the retry budget: nothing is stored, and a
     /// later `RefundPayment` tries again with the same idempotency key.
     Failed { reason: String },
@@ -460,7 +475,16 @@ mod tests {
         });
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains("\"outcome\":\"charged\""), "{json}");
-        assert!(json.contains("\"startedAt\":"), "{json}");
+        assert!(
+            json.contains(&format!("\"startedAt\":{}", s.started_at.unix_millis())),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<ChargeStep>(&json).unwrap(), s);
+
+        let declined = step(ChargeOutcome::Declined {
+            reason: "insufficient funds".into(),
+        });
+        let json = serde_json::to_string(&declined).unwrap();
+        assert_eq!(serde_json::from_str::<ChargeStep>(&json).unwrap(), declined);
     }
 }

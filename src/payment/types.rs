@@ -188,6 +188,37 @@ impl Timestamp {
         let millis = now.millisecond();
         Self(now.replace_millisecond(millis).unwrap_or(now))
     }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn unix_millis(self) -> i64 {
+        (self.0.unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    /// The inverse of [`Timestamp::unix_millis`]; `None` out of the representable range.
+    pub fn from_unix_millis(millis: i64) -> Option<Self> {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+            .ok()
+            .map(Self)
+    }
+}
+
+/// A [`Timestamp`] as integer milliseconds since the Unix epoch (`#[serde(with = ...)]`): the
+/// compact form for journaled step results, whose every byte crosses restate-server's log and
+/// storage. Stored state and answers keep RFC 3339.
+pub mod epoch_millis {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::Timestamp;
+
+    pub fn serialize<S: Serializer>(ts: &Timestamp, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_i64(ts.unix_millis())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Timestamp, D::Error> {
+        let millis = i64::deserialize(deserializer)?;
+        Timestamp::from_unix_millis(millis)
+            .ok_or_else(|| D::Error::custom(format!("timestamp out of range: {millis} ms")))
+    }
 }
 
 impl fmt::Display for Timestamp {
@@ -267,5 +298,22 @@ mod tests {
         let back: Timestamp = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ts);
         assert_eq!(ts.0.nanosecond() % 1_000_000, 0);
+    }
+
+    #[test]
+    fn epoch_millis_round_trips_a_timestamp() {
+        #[derive(Serialize, Deserialize)]
+        struct Step(#[serde(with = "epoch_millis")] Timestamp);
+        let ts = Timestamp::now();
+        let json = serde_json::to_string(&Step(ts)).unwrap();
+        assert_eq!(json, ts.unix_millis().to_string());
+        assert_eq!(serde_json::from_str::<Step>(&json).unwrap().0, ts);
+        assert_eq!(
+            Timestamp::from_unix_millis(1_700_000_000_123)
+                .unwrap()
+                .to_string(),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert!(serde_json::from_str::<Step>(&i64::MAX.to_string()).is_err());
     }
 }
