@@ -42,9 +42,14 @@ struct Args {
     /// Seconds each scenario runs at `--concurrency`.
     #[arg(long, short = 'd', default_value_t = 10)]
     duration: u64,
-    /// Floor / CreatePayment rounds, in ABBA order; each side runs `--duration` s per round.
-    #[arg(long, default_value_t = 8)]
+    /// Floor / CreatePayment rounds, in ABBA order.
+    #[arg(long, default_value_t = 40)]
     rounds: u32,
+    /// Seconds each side runs per floor / CreatePayment round. Short rounds, many of them:
+    /// restate-server's flushes and compactions last seconds, and with short rounds each one
+    /// falls on both sides instead of on whichever ran a 10-second round.
+    #[arg(long, default_value_t = 2)]
+    round_duration: u64,
     /// Seconds each concurrency-1 latency scenario runs (0 skips them).
     #[arg(long, default_value_t = 10)]
     latency_duration: u64,
@@ -290,6 +295,25 @@ struct Bench {
 }
 
 impl Bench {
+    /// Waits until restate-server is idle: below 0.1 core over a second, i.e. done with the
+    /// flushes and compactions of the load before, so that a measurement starts on a server
+    /// that carries its data and not the last minute's write backlog. Returns the time waited
+    /// (`None` without a server pid); gives up after `max`.
+    async fn settle(&self, max: Duration) -> Option<Duration> {
+        let pid = self.pids.iter().find(|(role, _)| *role == "server")?.1;
+        let start = Instant::now();
+        let mut before = cpu_seconds(pid)?;
+        while start.elapsed() < max {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = cpu_seconds(pid)?;
+            if now - before < 0.1 {
+                break;
+            }
+            before = now;
+        }
+        Some(start.elapsed())
+    }
+
     async fn run(&self, scenario: &Scenario) -> Stats {
         let counter = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + scenario.duration;
@@ -702,11 +726,16 @@ fn fresh(prefix: String) -> Keys {
 }
 
 async fn standard(args: &Args, bench: &Bench, id: &str) -> anyhow::Result<Value> {
+    let round = Duration::from_secs(args.round_duration);
     let floor_create = |name: String, prefix: String| Scenario {
         expect: Some("completed"),
+        duration: round,
         ..args.scenario(name, "BenchFloor", "Create", CREATE_BODY, fresh(prefix))
     };
-    let create = |name: String, prefix: String| args.create_fresh(name, prefix);
+    let create = |name: String, prefix: String| Scenario {
+        duration: round,
+        ..args.create_fresh(name, prefix)
+    };
 
     if args.warmup > 0 {
         eprintln!(
@@ -1045,6 +1074,15 @@ async fn scale(args: &Args, bench: &Bench, id: &str) -> anyhow::Result<Value> {
             .await;
         stored.extend(w.created);
     }
+    let settle = |at: &'static str| async move {
+        if let Some(waited) = bench.settle(Duration::from_secs(120)).await {
+            println!(
+                "restate-server idle after {:.1} s ({at})",
+                waited.as_secs_f64()
+            );
+        }
+    };
+    settle("before the empty-server measurement").await;
     print_header();
     let empty_create = bench
         .run(&create("create fresh, empty", format!("{id}-e")))
@@ -1075,6 +1113,7 @@ async fn scale(args: &Args, bench: &Bench, id: &str) -> anyhow::Result<Value> {
     }
     stored.extend(preload.created.iter().cloned());
     let pool = Arc::new(stored.clone());
+    settle("after the preload").await;
     let loaded_create = bench
         .run(&create("create fresh, 100k stored", format!("{id}-l")))
         .await;
@@ -1326,6 +1365,7 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
         "concurrency": args.concurrency,
         "duration_s": args.duration,
         "rounds": args.rounds,
+        "round_duration_s": args.round_duration,
         "latency_duration_s": args.latency_duration,
         "warmup_s": args.warmup,
         "preload": args.preload,

@@ -12,8 +12,9 @@
 #                 both:  tuned, then stock, each on a fresh stack, then a comparison
 #                 FILE.toml: another configuration file (for experiments)
 #   --concurrency N       concurrent requests [64]
-#   --duration S          seconds per scenario (per round for floor/create) [10]
-#   --rounds N            floor/CreatePayment rounds, alternated ABBA [8]
+#   --duration S          seconds per scenario, except the floor/CreatePayment rounds [10]
+#   --rounds N            floor/CreatePayment rounds, alternated ABBA [40]
+#   --round-duration S    seconds per side per round [2]
 #   --latency-duration S  seconds per concurrency-1 scenario, 0 to skip [10]
 #   --scale               scale mode: p99 on an empty server vs with --preload
 #                         payments stored (takes ~2 min more per 100k)
@@ -35,7 +36,8 @@ cd "$repo_root"
 config=tuned
 concurrency=64
 duration=10
-rounds=8
+rounds=40
+round_duration=2
 latency_duration=10
 mode=standard
 preload=100000
@@ -48,6 +50,7 @@ while (($#)); do
         --concurrency | -c) concurrency="${2:?}"; shift 2 ;;
         --duration | -d) duration="${2:?}"; shift 2 ;;
         --rounds) rounds="${2:?}"; shift 2 ;;
+        --round-duration) round_duration="${2:?}"; shift 2 ;;
         --latency-duration) latency_duration="${2:?}"; shift 2 ;;
         --scale) mode=scale; shift ;;
         --preload) preload="${2:?}"; shift 2 ;;
@@ -67,7 +70,7 @@ case "$config" in
         config="$(cd "$(dirname "$config")" && pwd)/$(basename "$config")" ;;
     *) echo "bench: --config must be tuned, stock, both or a .toml file" >&2; exit 2 ;;
 esac
-for v in concurrency duration rounds latency_duration preload; do
+for v in concurrency duration rounds round_duration latency_duration preload; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "bench: --${v//_/-} must be a number" >&2; exit 2; }
 done
 
@@ -262,7 +265,7 @@ run_one() { # run_one tuned|stock|FILE RESULT_JSON
     "${detach[@]}" cargo bench -q --bench payments -- \
         --ingress "http://127.0.0.1:$ingress_port" \
         --mode "$mode" --preload "$preload" \
-        --concurrency "$concurrency" --duration "$duration" --rounds "$rounds" \
+        --concurrency "$concurrency" --duration "$duration" --rounds "$rounds" --round-duration "$round_duration" \
         --latency-duration "$latency_duration" \
         --service-pid "$service_pid" --floor-pid "$floor_pid" --server-pid "$server_pid" \
         --label "$label" --json "$result" \
