@@ -15,7 +15,8 @@
 //! duplicate `CreatePayment` and `GetPayment` on the payments just created; `RefundPayment`,
 //! once per created payment; then at concurrency 1: the floor, the floor's duplicate and read,
 //! duplicate `CreatePayment` and `GetPayment`. Scale mode: `CreatePayment` and `GetPayment` on
-//! an empty server, then again once `--preload` payments are stored.
+//! an empty server, then again once `--preload` payments are stored, each measurement started
+//! once restate-server is idle.
 //!
 //! Only started by `cargo bench` (which passes `--bench`): under `cargo test` it exits at once.
 

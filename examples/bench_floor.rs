@@ -51,7 +51,7 @@ struct Args {
     worker_threads: usize,
 }
 
-/// What the floor stores: `pending` after step 3, `completed` after step 5.
+/// What the floor stores: `pending` after step 2, `completed` after step 4.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Record {

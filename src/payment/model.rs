@@ -457,7 +457,8 @@ mod tests {
         });
         assert_eq!(p.created_at, Some(started_at));
 
-        // A payment resumed with a `createdAt` of its own keeps it.
+        // A pending payment stored with a `createdAt` (by a version that read the clock in a
+        // step of its own before the charge) keeps it.
         let mut resumed = pending(10000);
         let first = Timestamp::now();
         resumed.created_at = Some(first);
