@@ -33,7 +33,7 @@
 //! refuses to, though, while another node is not ready again.
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -45,8 +45,8 @@ use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
 use super::{
-    REQUEST_TIMEOUT, SERVICE, TestApp, checked_server_binary, healthy, http_client, process,
-    service_binary, spawn_service,
+    REQUEST_TIMEOUT, SERVICE, ServiceProcess, TestApp, checked_server_binary, healthy, http_client,
+    lock, process,
 };
 
 /// Nodes in the cluster.
@@ -121,11 +121,7 @@ pub struct OwnedCluster {
     server_bin: PathBuf,
     nodes: Vec<Node>,
     ready: Arc<Vec<AtomicBool>>,
-    service_bin: String,
-    service_addr: SocketAddr,
-    service_env: Vec<(String, String)>,
-    ledger: PathBuf,
-    service_pid: Mutex<Option<u32>>,
+    service: ServiceProcess,
     probe: Client,
     client: Client,
 }
@@ -176,11 +172,12 @@ impl OwnedCluster {
                     })
                     .collect(),
                 ready: Arc::new((0..NODES).map(|_| AtomicBool::new(false)).collect()),
-                service_bin: service_binary(),
-                service_addr: ([127, 0, 0, 1], service_port).into(),
-                service_env: service_env.clone(),
-                ledger: dir.join("gateway-ledger.jsonl"),
-                service_pid: Mutex::new(None),
+                service: ServiceProcess::new(
+                    ([127, 0, 0, 1], service_port).into(),
+                    service_env.clone(),
+                    dir.join("gateway-ledger.jsonl"),
+                    dir.join(SERVICE_LOG),
+                ),
                 probe: http_client(Duration::from_secs(2))?,
                 client: http_client(REQUEST_TIMEOUT)?,
                 dir: dir.clone(),
@@ -191,7 +188,7 @@ impl OwnedCluster {
                     eprintln!("cluster start attempt {attempt} failed: {e:#}");
                     cluster.stop();
                     let _ = std::fs::remove_dir_all(&data);
-                    let _ = std::fs::remove_file(&cluster.ledger);
+                    let _ = std::fs::remove_file(&cluster.service.ledger);
                     last_error = Some(e);
                 }
             }
@@ -268,7 +265,7 @@ impl OwnedCluster {
             ingress: self.nodes[i].ingress_url(),
             admin: self.nodes[i].admin_url(),
             service_url: self.service_url.clone(),
-            ledger: Some(self.ledger.clone()),
+            ledger: Some(self.service.ledger.clone()),
             dir: Some(self.dir.clone()),
             client: self.client.clone(),
         }
@@ -281,7 +278,7 @@ impl OwnedCluster {
 
     /// The gateway ledger of the service.
     pub fn ledger(&self) -> &Path {
-        &self.ledger
+        &self.service.ledger
     }
 
     // ---- nodes -------------------------------------------------------------------------------
@@ -527,32 +524,18 @@ impl OwnedCluster {
     // ---- the service -------------------------------------------------------------------------
 
     pub fn service_pid(&self) -> Option<u32> {
-        *lock(&self.service_pid)
+        self.service.pid()
     }
 
     /// SIGKILLs the service; `false` if it was not running.
     pub fn kill_service(&self) -> bool {
-        lock(&self.service_pid)
-            .take()
-            .and_then(process::kill)
-            .is_some()
+        self.service.kill()
     }
 
     /// Starts the service on its port and ledger (it must be down); returns once it accepts
     /// connections, with how long that took.
     pub fn start_service(&self) -> anyhow::Result<Duration> {
-        let mut slot = lock(&self.service_pid);
-        anyhow::ensure!(slot.is_none(), "payment-service is already running");
-        let began = Instant::now();
-        let pid = spawn_service(
-            &self.service_bin,
-            self.service_addr,
-            &self.ledger,
-            &self.service_env,
-            &self.dir.join(SERVICE_LOG),
-        )?;
-        *slot = Some(pid);
-        Ok(began.elapsed())
+        self.service.start()
     }
 
     fn check_service_alive(&self) -> anyhow::Result<()> {
@@ -561,7 +544,7 @@ impl OwnedCluster {
         {
             bail!(
                 "payment-service exited ({status}):\n{}",
-                process::tail(&self.dir.join(SERVICE_LOG), 40)
+                process::tail(&self.service.log, 40)
             );
         }
         Ok(())
@@ -575,7 +558,7 @@ impl OwnedCluster {
             .nodes
             .iter()
             .map(|n| (n.name.as_str(), &n.pid))
-            .chain([("payment-service", &self.service_pid)]);
+            .chain([("payment-service", &self.service.pid)]);
         for (name, slot) in slots {
             if let Some(pid) = *lock(slot)
                 && let Some(status) = process::exited(pid)
@@ -589,7 +572,7 @@ impl OwnedCluster {
     /// Starts whatever is down (killed, or exited by itself): the nodes one at a time, each
     /// until ready, then the service.
     pub fn ensure_up(&self) -> anyhow::Result<()> {
-        for slot in self.nodes.iter().map(|n| &n.pid).chain([&self.service_pid]) {
+        for slot in self.nodes.iter().map(|n| &n.pid).chain([&self.service.pid]) {
             let mut slot = lock(slot);
             if let Some(pid) = *slot
                 && process::exited(pid).is_some()
@@ -615,7 +598,7 @@ impl OwnedCluster {
     /// Stops the service, then the three nodes together (SIGTERM, SIGKILL after a grace
     /// period): one at a time, the last ones would wait for a quorum that is gone.
     pub fn stop(&self) {
-        if let Some(pid) = lock(&self.service_pid).take() {
+        if let Some(pid) = lock(&self.service.pid).take() {
             process::stop(pid);
         }
         let pids: Vec<u32> = self
@@ -641,7 +624,7 @@ impl OwnedCluster {
         }
         out.push_str(&format!(
             "--- {SERVICE_LOG} ---\n{}\n",
-            process::tail(&self.dir.join(SERVICE_LOG), 30)
+            process::tail(&self.service.log, 30)
         ));
         out
     }
@@ -669,8 +652,4 @@ fn low_free_port(taken: &mut HashSet<u16>) -> anyhow::Result<u16> {
         }
     }
     bail!("no free port found below {ephemeral_low}")
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -624,6 +624,68 @@ fn service_command(bin: &str, addr: SocketAddr, ledger: &Path) -> Command {
             env_nonempty("RUST_LOG").unwrap_or_else(|| "info".into()),
         );
     cmd
+}
+
+/// The payment-service of a test stack that kills and restarts it: what it needs to start again
+/// on the same port and ledger, and its pid while it runs. Used by [`owned::OwnedStack`] and
+/// [`cluster::Cluster`].
+pub struct ServiceProcess {
+    bin: String,
+    pub addr: SocketAddr,
+    env: Vec<(String, String)>,
+    pub ledger: PathBuf,
+    pub log: PathBuf,
+    /// `None` while it is down.
+    pub pid: Mutex<Option<u32>>,
+}
+
+impl ServiceProcess {
+    /// Not started yet: see [`ServiceProcess::start`].
+    pub fn new(
+        addr: SocketAddr,
+        env: Vec<(String, String)>,
+        ledger: PathBuf,
+        log: PathBuf,
+    ) -> Self {
+        Self {
+            bin: service_binary(),
+            addr,
+            env,
+            ledger,
+            log,
+            pid: Mutex::new(None),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        *lock(&self.pid)
+    }
+
+    /// SIGKILLs the service (a crash: no graceful shutdown); `false` if it was not running.
+    pub fn kill(&self) -> bool {
+        lock(&self.pid).take().and_then(process::kill).is_some()
+    }
+
+    /// Starts the service (it must be down); returns once it accepts connections, with how
+    /// long that took.
+    pub fn start(&self) -> anyhow::Result<Duration> {
+        let mut slot = lock(&self.pid);
+        anyhow::ensure!(slot.is_none(), "payment-service is already running");
+        let began = Instant::now();
+        *slot = Some(spawn_service(
+            &self.bin,
+            self.addr,
+            &self.ledger,
+            &self.env,
+            &self.log,
+        )?);
+        Ok(began.elapsed())
+    }
+}
+
+/// Locks `m`, also after a panic in another test thread poisoned it.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Spawns the service with `env` added, its output appended to `log`, and waits until it accepts

@@ -23,8 +23,8 @@ use anyhow::{Context, anyhow};
 use reqwest::blocking::Client;
 
 use super::{
-    REQUEST_TIMEOUT, START_ATTEMPTS, ServerPorts, TestApp, checked_server_binary, http_client,
-    process, register, service_binary, spawn_server, spawn_service, wait_for_ingress, wait_server,
+    REQUEST_TIMEOUT, START_ATTEMPTS, ServerPorts, ServiceProcess, TestApp, checked_server_binary,
+    http_client, lock, process, register, spawn_server, wait_for_ingress, wait_server,
 };
 
 /// restate-server and payment-service, each killable and restartable in place.
@@ -36,13 +36,9 @@ pub struct OwnedStack {
     server_bin: PathBuf,
     base_dir: PathBuf,
     ports: ServerPorts,
-    service_bin: String,
-    service_addr: SocketAddr,
-    service_env: Vec<(String, String)>,
     server_env: Vec<(String, String)>,
-    ledger: PathBuf,
     server_pid: Mutex<Option<u32>>,
-    service_pid: Mutex<Option<u32>>,
+    service: ServiceProcess,
     probe: Client,
 }
 
@@ -103,6 +99,7 @@ impl OwnedStack {
         };
 
         let service_addr: SocketAddr = ([127, 0, 0, 1], process::free_port()?).into();
+        let service_log = dir.join(SERVICE_LOG);
         let stack = Self {
             app: TestApp {
                 ingress: ports.ingress_url(),
@@ -116,22 +113,18 @@ impl OwnedStack {
             server_bin,
             base_dir,
             ports,
-            service_bin: service_binary(),
-            service_addr,
-            service_env,
             server_env,
-            ledger,
             server_pid: Mutex::new(Some(server_pid)),
-            service_pid: Mutex::new(None),
+            service: ServiceProcess::new(service_addr, service_env, ledger, service_log),
             probe,
         };
         stack.start_service()?;
         let service_pid = stack.service_pid().expect("just started");
-        let service_log = stack.dir.join(SERVICE_LOG);
+        let service_log = &stack.service.log;
         let alive = || match process::exited(service_pid) {
             Some(status) => Err(anyhow!(
                 "payment-service exited ({status}):\n{}",
-                process::tail(&service_log, 40)
+                process::tail(service_log, 40)
             )),
             None => Ok(()),
         };
@@ -148,7 +141,7 @@ impl OwnedStack {
 
     /// The gateway ledger of the service.
     pub fn ledger(&self) -> &Path {
-        &self.ledger
+        &self.service.ledger
     }
 
     pub fn server_pid(&self) -> Option<u32> {
@@ -156,33 +149,19 @@ impl OwnedStack {
     }
 
     pub fn service_pid(&self) -> Option<u32> {
-        *lock(&self.service_pid)
+        self.service.pid()
     }
 
     /// SIGKILLs the service (a crash: no graceful shutdown); `false` if it
     /// was not running.
     pub fn kill_service(&self) -> bool {
-        lock(&self.service_pid)
-            .take()
-            .and_then(process::kill)
-            .is_some()
+        self.service.kill()
     }
 
     /// Starts the service on its port (it must be down); returns once it
     /// accepts connections, with how long that took.
     pub fn start_service(&self) -> anyhow::Result<Duration> {
-        let mut slot = lock(&self.service_pid);
-        anyhow::ensure!(slot.is_none(), "payment-service is already running");
-        let began = Instant::now();
-        let pid = spawn_service(
-            &self.service_bin,
-            self.service_addr,
-            &self.ledger,
-            &self.service_env,
-            &self.dir.join(SERVICE_LOG),
-        )?;
-        *slot = Some(pid);
-        Ok(began.elapsed())
+        self.service.start()
     }
 
     /// SIGKILLs restate-server; `false` if it was not running.
@@ -219,7 +198,7 @@ impl OwnedStack {
     pub fn died(&self) -> Option<String> {
         for (name, slot) in [
             ("restate-server", &self.server_pid),
-            ("payment-service", &self.service_pid),
+            ("payment-service", &self.service.pid),
         ] {
             if let Some(pid) = *lock(slot)
                 && let Some(status) = process::exited(pid)
@@ -232,7 +211,7 @@ impl OwnedStack {
 
     /// Starts whichever of the two is down (killed, or exited by itself), server first.
     pub fn ensure_up(&self) -> anyhow::Result<()> {
-        for slot in [&self.server_pid, &self.service_pid] {
+        for slot in [&self.server_pid, &self.service.pid] {
             let mut slot = lock(slot);
             if let Some(pid) = *slot
                 && process::exited(pid).is_some()
@@ -252,7 +231,7 @@ impl OwnedStack {
 
     /// Stops both processes gracefully (SIGTERM, then SIGKILL after a grace period).
     pub fn stop(&self) {
-        for slot in [&self.service_pid, &self.server_pid] {
+        for slot in [&self.service.pid, &self.server_pid] {
             if let Some(pid) = lock(slot).take() {
                 process::stop(pid);
             }
@@ -267,7 +246,3 @@ impl OwnedStack {
 
 const SERVER_LOG: &str = "restate-server.log";
 const SERVICE_LOG: &str = "payment-service.log";
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
