@@ -75,6 +75,29 @@ impl Config {
     }
 }
 
+impl MockConfig {
+    /// The service's command-line flags that give this mock gateway: the inverse of
+    /// [`Config::mock_gateway`], for whatever starts the service (the test harness).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--gateway-delay-ms={}", self.delay.as_millis()),
+            format!("--gateway-decline-rate={}", self.decline_rate),
+            format!("--gateway-error-rate={}", self.error_rate),
+            format!(
+                "--gateway-response-delay-ms={}",
+                self.response_delay.as_millis()
+            ),
+        ];
+        if let Some(ledger) = &self.ledger {
+            args.push(format!("--gateway-ledger={}", ledger.display()));
+        }
+        if self.ignore_idempotency_keys {
+            args.push("--gateway-unsafe-ignore-idempotency-keys".to_owned());
+        }
+        args
+    }
+}
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     let rate: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if (0.0..=1.0).contains(&rate) {
@@ -127,6 +150,26 @@ mod tests {
         );
         assert!(Config::try_parse_from(["payment-service", "--gateway-error-rate", "x"]).is_err());
         assert!(Config::try_parse_from(["payment-service", "--worker-threads", "0"]).is_err());
+    }
+
+    #[test]
+    fn mock_gateway_flags_round_trip() {
+        let mock = MockConfig {
+            delay: Duration::from_millis(20),
+            decline_rate: 0.25,
+            error_rate: 0.5,
+            response_delay: Duration::from_millis(150),
+            ledger: Some(PathBuf::from("/tmp/ledger.jsonl")),
+            ignore_idempotency_keys: true,
+        };
+        let args = std::iter::once("payment-service".to_owned()).chain(mock.to_args());
+        assert_eq!(Config::try_parse_from(args).unwrap().mock_gateway(), mock);
+        let default = MockConfig::default();
+        let args = std::iter::once("payment-service".to_owned()).chain(default.to_args());
+        assert_eq!(
+            Config::try_parse_from(args).unwrap().mock_gateway(),
+            default
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! survives a restart of the service (as a real gateway's would).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -47,44 +47,29 @@ pub(crate) struct Ledger {
 }
 
 impl Ledger {
-    /// Opens (creating if needed) the ledger and returns the entries already in it.
+    /// Opens (creating if needed) the ledger and returns the entries already in it. A torn
+    /// last line (a crash mid-append: that call was never answered) is cut off; a line that
+    /// does not parse anywhere else is corruption, and an error.
     pub(crate) fn open(path: &Path) -> anyhow::Result<(Self, Vec<LedgerEntry>)> {
-        let mut entries = Vec::new();
-        if path.exists() {
-            let reader = BufReader::new(
-                File::open(path).with_context(|| format!("reading ledger {}", path.display()))?,
-            );
-            for (n, line) in reader.lines().enumerate() {
-                let line = line?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str(&line) {
-                    Ok(entry) => entries.push(entry),
-                    // A torn last line is what a crash mid-append leaves: the call it records
-                    // was never answered, so it may be dropped. Anywhere else it is corruption.
-                    Err(e) => {
-                        tracing::warn!(line = n + 1, error = %e, path = %path.display(), "skipping unreadable ledger line")
-                    }
-                }
-            }
-        }
-        let mut file = OpenOptions::new()
+        let read = read_ledger(path)?;
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("opening ledger {}", path.display()))?;
-        // Start on a fresh line after a torn one, or the next entry would be glued to it.
-        let len = file.metadata()?.len();
-        if len > 0 && std::fs::read(path)?.last() != Some(&b'\n') {
-            file.write_all(b"\n")?;
+        let bytes = std::fs::read(path)?;
+        if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
+            let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            tracing::warn!(path = %path.display(), bytes = bytes.len() - keep, "cutting off a torn last ledger line");
+            file.set_len(keep as u64)?;
+            file.sync_data()?;
         }
         Ok((
             Self {
                 path: path.to_owned(),
                 file,
             },
-            entries,
+            read.entries,
         ))
     }
 
@@ -99,9 +84,34 @@ impl Ledger {
     }
 }
 
-/// Reads every entry of a ledger file (for tests and audits).
-pub fn read_ledger(path: &Path) -> anyhow::Result<Vec<LedgerEntry>> {
-    Ok(Ledger::open(path)?.1)
+/// A ledger as an auditor reads it: every entry, and the torn last line a crash mid-append
+/// may leave (that call was never answered).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerRead {
+    pub entries: Vec<LedgerEntry>,
+    pub torn_tail: Option<String>,
+}
+
+/// Reads a ledger file without writing to it (for tests and audits); a missing file is an
+/// empty ledger. A last line that does not parse is returned as the torn tail; any other line
+/// that does not parse is an error.
+pub fn read_ledger(path: &Path) -> anyhow::Result<LedgerRead> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LedgerRead::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading ledger {}", path.display())),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut read = LedgerRead::default();
+    for (n, line) in lines.iter().enumerate() {
+        match serde_json::from_str(line) {
+            Ok(entry) => read.entries.push(entry),
+            Err(_) if n + 1 == lines.len() => read.torn_tail = Some((*line).to_owned()),
+            Err(e) => anyhow::bail!("ledger {} line {}: {e}: {line}", path.display(), n + 1),
+        }
+    }
+    Ok(read)
 }
 
 #[cfg(test)]
@@ -132,13 +142,19 @@ mod tests {
             .unwrap()
             .write_all(b"{\"op\":\"cha")
             .unwrap();
-        assert_eq!(read_ledger(&path).unwrap(), vec![entry.clone()]);
-        // An entry appended after the torn line is readable.
+        let read = read_ledger(&path).unwrap();
+        assert_eq!(read.entries, vec![entry.clone()]);
+        assert_eq!(read.torn_tail.as_deref(), Some(r#"{"op":"cha"#));
+        // Opening cuts the torn line off; an entry appended after it is readable.
         Ledger::open(&path).unwrap().0.append(&entry).unwrap();
-        assert_eq!(
-            read_ledger(&path).unwrap(),
-            vec![entry.clone(), entry.clone()]
-        );
+        let read = read_ledger(&path).unwrap();
+        assert_eq!(read.entries, vec![entry.clone(), entry.clone()]);
+        assert_eq!(read.torn_tail, None);
+        // A line that does not parse in the middle is corruption, not a torn append.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("garbage\n{text}")).unwrap();
+        assert!(read_ledger(&path).is_err());
+        assert!(Ledger::open(&path).is_err());
         let line = std::fs::read_to_string(&path).unwrap();
         assert!(line.starts_with(r#"{"op":"charge","idempotencyKey":"charge:p1","paymentId":"p1","amount":100,"outcome":"succeeded","id":"ch_1","replay":false}"#), "{line}");
     }

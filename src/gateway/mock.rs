@@ -425,7 +425,7 @@ mod tests {
             .unwrap();
         assert_eq!(first, after);
 
-        let entries = read_ledger(&path).unwrap();
+        let entries = read_ledger(&path).unwrap().entries;
         let replays: Vec<bool> = entries.iter().map(|e| e.replay).collect();
         assert_eq!(replays, vec![false, true, false, true]);
         assert!(entries.iter().all(|e| e.op == LedgerOp::Charge));
@@ -470,7 +470,7 @@ mod tests {
         .unwrap();
         let err = gw.charge(charge("charge:p", "cust", 1)).await.unwrap_err();
         assert!(matches!(err, GatewayError::Unavailable(_)));
-        assert!(read_ledger(&path).unwrap().is_empty());
+        assert!(read_ledger(&path).unwrap().entries.is_empty());
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ mod retry;
 
 use async_trait::async_trait;
 
-pub use ledger::{LedgerEntry, LedgerOp, LedgerOutcome, read_ledger};
+pub use ledger::{LedgerEntry, LedgerOp, LedgerOutcome, LedgerRead, read_ledger};
 pub use mock::{DECLINE_CUSTOMER_PREFIX, MockConfig, MockGateway};
 pub use retry::{RetryPolicy, with_retries};
 

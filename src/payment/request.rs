@@ -5,6 +5,7 @@
 //! where a payments API should say which field is wrong and what it expects.
 
 use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{Amount, Currency, PaymentError};
@@ -88,10 +89,11 @@ impl RefundRequest {
     }
 }
 
-/// The documented shape of a `CreatePayment` body, published as its JSON schema. Parsing does
-/// not go through it (see [`NewPayment::parse`]); the two live side by side to change together.
-#[derive(Debug, JsonSchema)]
-#[schemars(rename_all = "camelCase")]
+/// The documented shape of a `CreatePayment` body, published as its JSON schema, and what a
+/// client (the test harness) sends. Parsing does not go through it (see [`NewPayment::parse`]);
+/// the two live side by side to change together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct CreatePaymentBody {
     /// Amount in minor units of the currency (10000 = 100.00 USD).
     #[schemars(range(min = 1, max = 1_000_000_000_000u64))]
@@ -106,14 +108,26 @@ pub struct CreatePaymentBody {
 }
 
 /// The documented shape of a `RefundPayment` body (see [`RefundRequest::parse`]).
-#[derive(Debug, JsonSchema)]
-#[schemars(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct RefundPaymentBody {
     #[schemars(length(max = 1000))]
     pub reason: Option<String>,
     /// Minor units to refund, at most the payment's amount; absent or 0 refunds in full.
     #[schemars(range(max = 1_000_000_000_000u64))]
     pub amount: Option<u64>,
+}
+
+impl CreatePaymentBody {
+    /// A body for `amount` minor units in USD from `customer_id`, without a description.
+    pub fn new(amount: u64, customer_id: impl Into<String>) -> Self {
+        Self {
+            amount,
+            currency: Some("USD".to_owned()),
+            description: None,
+            customer_id: Some(customer_id.into()),
+        }
+    }
 }
 
 /// `GetPayment` takes no input; the seed sends `{}`, which is accepted, as is no body at all.

@@ -1,0 +1,833 @@
+//! A stack: restate-server, as one node or an N-node cluster (the same code starts both), and
+//! payment-service (plus any other deployment, e.g. the benchmark's floor), registered. Every
+//! process can be SIGKILLed and started again in place: a node on its ports and data, the
+//! service on its port and gateway ledger.
+//!
+//! ```ignore
+//! let stack = Stack::builder().nodes(3).gateway(MockConfig { .. }).start()?;
+//! stack.kill_node(1)?;
+//! stack.start_node(1)?;      // same ports and data; returns once it serves invocations again
+//! stack.kill_service();
+//! stack.start_service()?;    // Restate retries its invocations into the new process
+//! ```
+//!
+//! A node is *ready* when its admin API and ingress answer `/health` and an invocation goes
+//! through its ingress end to end: `GetPayment` of a `probe-…` ID answers the handler's own 404.
+//! A restarted node answers health checks before it can run invocations, and its ingress
+//! answers 404 "service not found" until it has loaded the registered services. The readiness
+//! flags ([`Stack::ready_flags`]) are what a client-side load balancer would know; the
+//! stack's [`PaymentClient`] routes retries by them.
+//!
+//! Dropping the stack stops everything.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use payment_service::gateway::MockConfig;
+use serde_json::json;
+
+use crate::admin::Admin;
+use crate::client::{BlockingClient, GET, PaymentClient, is_not_found};
+use crate::process::{self, GRACE, Restartable};
+use crate::{paths, ports};
+
+/// Prefix of the readiness probes' payment IDs: never a payment.
+pub const PROBE_PREFIX: &str = "probe-";
+/// Replication of logs and partitions on a cluster of more than one node.
+pub const CLUSTER_REPLICATION: usize = 2;
+
+/// How long a node may take to be ready, at start and after a restart (a busy 2-core machine
+/// running three nodes can be slow).
+const NODE_READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long the first registration may take (a new cluster is still provisioning).
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
+const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Invocations a readiness check sends (different keys: different partitions).
+const READY_PROBES: usize = 3;
+/// Attempts at bringing a new stack up (fresh ports and data each time).
+const START_ATTEMPTS: u32 = 3;
+
+/// The ports of one node, kept across its restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePorts {
+    pub ingress: u16,
+    pub admin: u16,
+    /// Node-to-node (and metadata, restatectl) address.
+    pub node: u16,
+}
+
+impl NodePorts {
+    fn pick() -> anyhow::Result<Self> {
+        Ok(Self {
+            ingress: ports::pick()?,
+            admin: ports::pick()?,
+            node: ports::pick()?,
+        })
+    }
+}
+
+/// A deployment besides payment-service, e.g. the benchmark's floor.
+#[derive(Debug, Clone)]
+pub struct ExtraService {
+    pub name: String,
+    pub bin: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// What to start (see [`Stack::builder`]).
+#[derive(Debug, Clone)]
+pub struct StackBuilder {
+    nodes: usize,
+    config: Option<Option<PathBuf>>,
+    server_env: Vec<(String, String)>,
+    service_bin: Option<PathBuf>,
+    gateway: MockConfig,
+    service_env: Vec<(String, String)>,
+    identity_keys: Vec<String>,
+    extras: Vec<ExtraService>,
+    dir: Option<PathBuf>,
+    fixed_ports: Option<(Vec<NodePorts>, u16)>,
+    cluster_name: Option<String>,
+}
+
+impl StackBuilder {
+    /// Restate nodes: 1 (the default) or a cluster (3: replication [`CLUSTER_REPLICATION`]).
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n.max(1);
+        self
+    }
+
+    /// restate-server's configuration file; `None` for Restate's stock settings. Default:
+    /// `restate/restate.toml` for one node, `restate/cluster/cluster.toml` for a cluster.
+    pub fn config(mut self, file: Option<PathBuf>) -> Self {
+        self.config = Some(file);
+        self
+    }
+
+    /// Adds a variable to every node's environment (e.g. a request-signing key).
+    pub fn server_env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.server_env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// The payment-service binary (default: [`paths::payment_service`]).
+    pub fn service_bin(mut self, bin: impl Into<PathBuf>) -> Self {
+        self.service_bin = Some(bin.into());
+        self
+    }
+
+    /// The service's mock gateway; its ledger defaults to `<dir>/gateway-ledger.jsonl`.
+    pub fn gateway(mut self, gateway: MockConfig) -> Self {
+        self.gateway = gateway;
+        self
+    }
+
+    /// Adds a variable to the service's environment (e.g. `RUST_LOG`).
+    pub fn service_env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.service_env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// The service serves only requests signed with one of these keys.
+    pub fn identity_keys(mut self, keys: Vec<String>) -> Self {
+        self.identity_keys = keys;
+        self
+    }
+
+    /// Another deployment to start and register (it gets `--bind <addr>`).
+    pub fn extra_service(mut self, extra: ExtraService) -> Self {
+        self.extras.push(extra);
+        self
+    }
+
+    /// Where data and logs go (default: a temporary folder, removed at exit).
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Fixed ports instead of random ones: one entry per node, and the service's port (the
+    /// extra services get the ports after it).
+    pub fn fixed_ports(mut self, nodes: Vec<NodePorts>, service: u16) -> Self {
+        self.fixed_ports = Some((nodes, service));
+        self
+    }
+
+    pub fn cluster_name(mut self, name: impl Into<String>) -> Self {
+        self.cluster_name = Some(name.into());
+        self
+    }
+
+    /// Starts the nodes, the service and the extra services, registers them once, and
+    /// returns when every node serves invocations.
+    pub fn start(self) -> anyhow::Result<Stack> {
+        let dir = match &self.dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                dir.clone()
+            }
+            None => process::temp_dir("payment-stack-")?,
+        };
+        let attempts = if self.fixed_ports.is_some() {
+            1
+        } else {
+            START_ATTEMPTS
+        };
+        let mut last = None;
+        for attempt in 1..=attempts {
+            let stack = self.assemble(&dir)?;
+            match stack.bring_up() {
+                Ok(()) => return Ok(stack),
+                Err(e) => {
+                    eprintln!("testkit: stack start attempt {attempt} failed: {e:#}");
+                    stack.stop();
+                    let _ = std::fs::remove_dir_all(dir.join("restate-data"));
+                    let _ = std::fs::remove_file(&stack.ledger);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
+    }
+
+    fn assemble(&self, dir: &Path) -> anyhow::Result<Stack> {
+        let server_bin = paths::restate_server()?;
+        let service_bin = match &self.service_bin {
+            Some(bin) => bin.clone(),
+            None => paths::payment_service()?,
+        };
+        let (node_ports, service_port) = match &self.fixed_ports {
+            Some((nodes, service)) => {
+                anyhow::ensure!(nodes.len() == self.nodes, "one set of ports per node");
+                (nodes.clone(), *service)
+            }
+            None => (
+                (0..self.nodes)
+                    .map(|_| NodePorts::pick())
+                    .collect::<anyhow::Result<_>>()?,
+                ports::pick()?,
+            ),
+        };
+        let config = match &self.config {
+            Some(file) => file.clone(),
+            None if self.nodes == 1 => Some(paths::single_node_config()),
+            None => Some(paths::cluster_config()),
+        };
+        let cluster_name = self.cluster_name.clone().unwrap_or_else(|| {
+            format!(
+                "payment-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            )
+        });
+        let metadata = json!(
+            node_ports
+                .iter()
+                .map(|p| format!("http://127.0.0.1:{}", p.node))
+                .collect::<Vec<_>>()
+        )
+        .to_string();
+        let data = dir.join("restate-data");
+        let nodes = node_ports
+            .iter()
+            .enumerate()
+            .map(|(i, &ports)| {
+                let name = format!("node-{}", i + 1);
+                let mut env = vec![
+                    ("RESTATE_LOG_DISABLE_ANSI_CODES", "true".to_owned()),
+                    ("RESTATE_CLUSTER_NAME", cluster_name.clone()),
+                    // Only node 1 provisions the cluster (once: restarted, it finds it).
+                    ("RESTATE_AUTO_PROVISION", (i == 0).to_string()),
+                    ("RESTATE_BIND_ADDRESS", format!("127.0.0.1:{}", ports.node)),
+                    (
+                        "RESTATE_ADVERTISED_ADDRESS",
+                        format!("http://127.0.0.1:{}", ports.node),
+                    ),
+                    (
+                        "RESTATE_INGRESS__BIND_ADDRESS",
+                        format!("127.0.0.1:{}", ports.ingress),
+                    ),
+                    (
+                        "RESTATE_ADMIN__BIND_ADDRESS",
+                        format!("127.0.0.1:{}", ports.admin),
+                    ),
+                    ("RESTATE_METADATA_CLIENT__ADDRESSES", metadata.clone()),
+                ];
+                if self.nodes > 1 {
+                    env.push((
+                        "RESTATE_DEFAULT_REPLICATION",
+                        CLUSTER_REPLICATION.to_string(),
+                    ));
+                }
+                let mut env: Vec<(String, String)> =
+                    env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                env.extend(self.server_env.iter().cloned());
+                let (bin, base, config, node_name) = (
+                    server_bin.clone(),
+                    data.clone(),
+                    config.clone(),
+                    name.clone(),
+                );
+                let proc = Restartable::new(&name, dir.join(format!("{name}.log")), move || {
+                    let mut cmd = Command::new(&bin);
+                    cmd.arg("--base-dir")
+                        .arg(&base)
+                        .args(["--node-name", &node_name, "--no-logo"])
+                        // TCP only: unix sockets under a long temp path exceed the path limit.
+                        .args(["--listen-mode", "tcp"])
+                        // RUST_LOG is meant for payment-service.
+                        .env_remove("RUST_LOG")
+                        .envs(env.iter().map(|(k, v)| (k, v)));
+                    if let Some(config) = &config {
+                        cmd.arg("--config-file").arg(config);
+                    }
+                    cmd
+                });
+                Node { name, ports, proc }
+            })
+            .collect::<Vec<_>>();
+
+        let ledger = self
+            .gateway
+            .ledger
+            .clone()
+            .unwrap_or_else(|| dir.join("gateway-ledger.jsonl"));
+        let gateway = MockConfig {
+            ledger: Some(ledger.clone()),
+            ..self.gateway.clone()
+        };
+        let mut args = gateway.to_args();
+        if !self.identity_keys.is_empty() {
+            args.push(format!("--identity-keys={}", self.identity_keys.join(",")));
+        }
+        let service = Deployment::new(
+            "payment-service",
+            service_bin,
+            args,
+            self.service_env.clone(),
+            service_port,
+            dir,
+        );
+        let extras = self
+            .extras
+            .iter()
+            .enumerate()
+            .map(|(k, extra)| {
+                let port = match &self.fixed_ports {
+                    Some(_) => service_port + 1 + k as u16,
+                    None => ports::pick()?,
+                };
+                Ok(Deployment::new(
+                    &extra.name,
+                    extra.bin.clone(),
+                    extra.args.clone(),
+                    Vec::new(),
+                    port,
+                    dir,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let ingresses: Vec<String> = node_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{}", p.ingress))
+            .collect();
+        let ready: Arc<Vec<AtomicBool>> =
+            Arc::new(nodes.iter().map(|_| AtomicBool::new(false)).collect());
+        Ok(Stack {
+            dir: dir.to_owned(),
+            cluster_name,
+            client: PaymentClient::with_up_flags(ingresses.clone(), ready.clone()),
+            probe: BlockingClient::new(
+                PaymentClient::new(ingresses).with_timeout(Duration::from_secs(10)),
+            ),
+            nodes,
+            ready,
+            service,
+            extras,
+            ledger,
+        })
+    }
+}
+
+/// One Restate node of a stack.
+pub struct Node {
+    name: String,
+    ports: NodePorts,
+    proc: Restartable,
+}
+
+/// A deployment process (payment-service or an extra one) on a fixed port.
+struct Deployment {
+    proc: Restartable,
+    url: String,
+    port: u16,
+}
+
+impl Deployment {
+    fn new(
+        name: &str,
+        bin: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        port: u16,
+        dir: &Path,
+    ) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let proc = Restartable::new(name, log, move || {
+            let mut cmd = Command::new(&bin);
+            // The service's own variables must not leak in from the caller's environment:
+            // the flags say everything.
+            for var in [
+                "BIND_ADDR",
+                "IDENTITY_KEYS",
+                "GATEWAY_DELAY_MS",
+                "GATEWAY_DECLINE_RATE",
+                "GATEWAY_ERROR_RATE",
+                "GATEWAY_RESPONSE_DELAY_MS",
+                "GATEWAY_LEDGER",
+                "GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS",
+            ] {
+                cmd.env_remove(var);
+            }
+            cmd.arg(format!("--bind=127.0.0.1:{port}"))
+                .args(&args)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .envs(env.iter().map(|(k, v)| (k, v)));
+            cmd
+        });
+        Self {
+            proc,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+        }
+    }
+
+    /// Starts it and waits until it accepts connections; how long that took.
+    fn start(&self) -> anyhow::Result<Duration> {
+        let began = Instant::now();
+        self.proc.start()?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let result = wait_until(SERVICE_READY_TIMEOUT, self.proc.name(), || {
+            if let Some(status) = self.proc.died() {
+                bail!("{} exited ({status})", self.proc.name());
+            }
+            Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+        });
+        if let Err(e) = result {
+            self.proc.kill();
+            return Err(e.context(format!(
+                "--- {} ---\n{}",
+                self.proc.log().display(),
+                self.proc.tail(40)
+            )));
+        }
+        Ok(began.elapsed())
+    }
+}
+
+/// How long a node restart took.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeStart {
+    /// Until its admin API and ingress answered `/health`.
+    pub healthy: Duration,
+    /// Until invocations went through its ingress (includes `healthy`).
+    pub serving: Duration,
+}
+
+/// A running stack (see the module doc).
+pub struct Stack {
+    /// Logs (`node-N.log`, `payment-service.log`, ...), the gateway ledger, the nodes' data.
+    pub dir: PathBuf,
+    cluster_name: String,
+    nodes: Vec<Node>,
+    ready: Arc<Vec<AtomicBool>>,
+    service: Deployment,
+    extras: Vec<Deployment>,
+    ledger: PathBuf,
+    client: PaymentClient,
+    probe: BlockingClient,
+}
+
+impl Stack {
+    /// One node, the service with the default mock gateway, a temporary folder.
+    pub fn builder() -> StackBuilder {
+        StackBuilder {
+            nodes: 1,
+            config: None,
+            server_env: Vec::new(),
+            service_bin: None,
+            gateway: MockConfig::default(),
+            service_env: Vec::new(),
+            identity_keys: Vec::new(),
+            extras: Vec::new(),
+            dir: None,
+            fixed_ports: None,
+            cluster_name: None,
+        }
+    }
+
+    /// All nodes at once (node 1 provisions; a cluster's metadata store needs a quorum, so no
+    /// node is ready alone), the deployments, one registration, every node serving.
+    fn bring_up(&self) -> anyhow::Result<()> {
+        for node in &self.nodes {
+            node.proc.start()?;
+        }
+        self.service.start()?;
+        for extra in &self.extras {
+            extra.start()?;
+        }
+        let deadline = Instant::now() + NODE_READY_TIMEOUT;
+        for i in 0..self.nodes.len() {
+            self.wait_healthy(i, deadline)?;
+        }
+        for deployment in std::iter::once(&self.service).chain(&self.extras) {
+            self.register(&deployment.url)?;
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_serving(i, deadline)?;
+            self.ready[i].store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    // ---- addresses --------------------------------------------------------------------------
+
+    pub fn cluster_name(&self) -> &str {
+        &self.cluster_name
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// `node-1`, `node-2`, ...
+    pub fn node_name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    pub fn node_ports(&self, i: usize) -> NodePorts {
+        self.nodes[i].ports
+    }
+
+    pub fn ingress_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.nodes[i].ports.ingress)
+    }
+
+    pub fn ingress_urls(&self) -> Vec<String> {
+        (0..self.nodes.len()).map(|i| self.ingress_url(i)).collect()
+    }
+
+    pub fn admin_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.nodes[i].ports.admin)
+    }
+
+    /// Node `i`'s admin API.
+    pub fn admin(&self, i: usize) -> Admin {
+        Admin::new(self.admin_url(i))
+    }
+
+    /// The admin API of a live node (ready, and answering `/health` now), lowest first; node 1's
+    /// when none is.
+    pub fn live_admin(&self) -> Admin {
+        (0..self.nodes.len())
+            .filter(|&i| self.is_ready(i))
+            .map(|i| self.admin(i))
+            .find(Admin::healthy)
+            .unwrap_or_else(|| self.admin(0))
+    }
+
+    /// The service's URL as registered.
+    pub fn service_url(&self) -> &str {
+        &self.service.url
+    }
+
+    /// The URL of extra deployment `k` (in the order they were added).
+    pub fn extra_url(&self, k: usize) -> &str {
+        &self.extras[k].url
+    }
+
+    /// The gateway's ledger.
+    pub fn ledger(&self) -> &Path {
+        &self.ledger
+    }
+
+    /// A client of every ingress, routing retries by the readiness flags; one attempt per call
+    /// until told otherwise ([`PaymentClient::retry_until`]).
+    pub fn client(&self) -> PaymentClient {
+        self.client.clone()
+    }
+
+    /// One flag per node: ready (see the module doc).
+    pub fn ready_flags(&self) -> Arc<Vec<AtomicBool>> {
+        self.ready.clone()
+    }
+
+    pub fn is_ready(&self, i: usize) -> bool {
+        self.ready[i].load(Ordering::SeqCst)
+    }
+
+    // ---- processes --------------------------------------------------------------------------
+
+    pub fn node_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].proc.pid()
+    }
+
+    pub fn service_pid(&self) -> Option<u32> {
+        self.service.proc.pid()
+    }
+
+    pub fn extra_pid(&self, k: usize) -> Option<u32> {
+        self.extras[k].proc.pid()
+    }
+
+    /// SIGKILLs node `i`. `Ok(false)` if it was not running; on a cluster an error, and no
+    /// kill, while another node is not ready (two nodes down stop a replication-2 cluster).
+    pub fn kill_node(&self, i: usize) -> anyhow::Result<bool> {
+        if let Some(other) = (0..self.nodes.len()).find(|&j| j != i && !self.is_ready(j)) {
+            bail!(
+                "not killing {}: {} is not ready (never two nodes down at once)",
+                self.nodes[i].name,
+                self.nodes[other].name
+            );
+        }
+        self.ready[i].store(false, Ordering::SeqCst);
+        Ok(self.nodes[i].proc.kill())
+    }
+
+    /// Like [`Self::kill_node`], without the check: the caller takes the quorum down on purpose.
+    pub fn kill_node_unchecked(&self, i: usize) -> bool {
+        self.ready[i].store(false, Ordering::SeqCst);
+        self.nodes[i].proc.kill()
+    }
+
+    /// Starts node `i` again (it must be down) on its ports and data; returns once it serves.
+    pub fn start_node(&self, i: usize) -> anyhow::Result<NodeStart> {
+        let began = Instant::now();
+        self.nodes[i].proc.start()?;
+        let deadline = began + NODE_READY_TIMEOUT;
+        let result = self.wait_healthy(i, deadline).and_then(|()| {
+            let healthy = began.elapsed();
+            self.wait_serving(i, deadline)?;
+            Ok(NodeStart {
+                healthy,
+                serving: began.elapsed(),
+            })
+        });
+        match result {
+            Ok(started) => {
+                self.ready[i].store(true, Ordering::SeqCst);
+                Ok(started)
+            }
+            Err(e) => {
+                self.nodes[i].proc.kill();
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until node `i` (running) serves again, e.g. after it was found not to.
+    pub fn wait_node_ready(&self, i: usize) -> anyhow::Result<Duration> {
+        let began = Instant::now();
+        let deadline = began + NODE_READY_TIMEOUT;
+        self.wait_healthy(i, deadline)?;
+        self.wait_serving(i, deadline)?;
+        self.ready[i].store(true, Ordering::SeqCst);
+        Ok(began.elapsed())
+    }
+
+    /// SIGKILLs the service (a crash); `false` if it was not running.
+    pub fn kill_service(&self) -> bool {
+        self.service.proc.kill()
+    }
+
+    /// Starts the service on its port and ledger (it must be down); returns once it accepts
+    /// connections, with how long that took.
+    pub fn start_service(&self) -> anyhow::Result<Duration> {
+        self.service.start()
+    }
+
+    /// `Some(message)` if a process that should run has exited by itself.
+    pub fn died(&self) -> Option<String> {
+        self.nodes
+            .iter()
+            .map(|n| &n.proc)
+            .chain(std::iter::once(&self.service.proc))
+            .chain(self.extras.iter().map(|e| &e.proc))
+            .find_map(|p| {
+                p.died()
+                    .map(|status| format!("{} exited by itself: {status}", p.name()))
+            })
+    }
+
+    /// Starts whatever is down (killed, or exited by itself): the nodes one at a time, each
+    /// until it serves, then the service.
+    pub fn ensure_up(&self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            self.nodes[i].proc.clear_if_dead();
+            if self.nodes[i].proc.pid().is_none() {
+                self.ready[i].store(false, Ordering::SeqCst);
+                self.start_node(i)?;
+            } else if !self.is_ready(i) {
+                self.wait_node_ready(i)?;
+            }
+        }
+        self.service.proc.clear_if_dead();
+        if self.service.proc.pid().is_none() {
+            self.start_service()?;
+        }
+        Ok(())
+    }
+
+    /// Stops the deployments, then the nodes together (SIGTERM, SIGKILL after a grace period):
+    /// one at a time, the last ones would wait for a quorum that is gone.
+    pub fn stop(&self) {
+        self.service.proc.stop(GRACE);
+        for extra in &self.extras {
+            extra.proc.stop(GRACE);
+        }
+        for r in self.ready.iter() {
+            r.store(false, Ordering::SeqCst);
+        }
+        let nodes: Vec<_> = self.nodes.iter().filter_map(|n| n.proc.take()).collect();
+        process::stop_all(nodes, GRACE);
+    }
+
+    /// Log tails of every process, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| &n.proc)
+            .chain(std::iter::once(&self.service.proc))
+            .chain(self.extras.iter().map(|e| &e.proc))
+            .map(|p| format!("--- {} ---\n{}\n", p.log().display(), p.tail(30)))
+            .collect()
+    }
+
+    // ---- readiness --------------------------------------------------------------------------
+
+    fn wait_healthy(&self, i: usize, deadline: Instant) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let admin = self.admin(i);
+        let ingress_health = format!("{}/restate/health", self.ingress_url(i));
+        let http = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        loop {
+            self.check_running(i)?;
+            if admin.healthy()
+                && http
+                    .get(&ingress_health)
+                    .send()
+                    .is_ok_and(|r| r.status().is_success())
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} is not healthy after {NODE_READY_TIMEOUT:?}:\n{}",
+                    node.name,
+                    node.proc.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Until [`READY_PROBES`] invocations went through node `i`'s ingress.
+    fn wait_serving(&self, i: usize, deadline: Instant) -> anyhow::Result<()> {
+        static PROBES: AtomicUsize = AtomicUsize::new(0);
+        let node = &self.nodes[i];
+        for _ in 0..READY_PROBES {
+            let n = PROBES.fetch_add(1, Ordering::Relaxed);
+            let id = format!("{PROBE_PREFIX}{}-{n}", node.name);
+            loop {
+                self.check_running(i)?;
+                let answer = self.probe.block_on(self.probe.inner().call_raw(
+                    i,
+                    &id,
+                    GET,
+                    Some("{}".into()),
+                    &[],
+                ));
+                let last = match answer {
+                    Ok((404, body)) if is_not_found(&body, &id) => break,
+                    Ok((status, body)) => format!("HTTP {status}: {body}"),
+                    Err(e) => e.to_string(),
+                };
+                if Instant::now() >= deadline {
+                    bail!(
+                        "{} does not run invocations after {NODE_READY_TIMEOUT:?} (last answer to \
+                         GetPayment {id}: {last}):\n{}",
+                        node.name,
+                        node.proc.tail(40)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers `uri` through a node's admin API (node 1 first), until accepted: a new
+    /// cluster may answer 5xx for a while.
+    fn register(&self, uri: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + REGISTER_TIMEOUT;
+        let mut last = String::new();
+        for attempt in 0usize.. {
+            if let Some(died) = self.died() {
+                bail!("{died}\n{}", self.logs());
+            }
+            match self.admin(attempt % self.nodes.len()).register(uri) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        bail!("registering {uri} failed for {REGISTER_TIMEOUT:?}; last: {last}")
+    }
+
+    fn check_running(&self, i: usize) -> anyhow::Result<()> {
+        let proc = &self.nodes[i].proc;
+        if proc.pid().is_none() {
+            bail!("{} is not running", proc.name());
+        }
+        if let Some(status) = proc.died() {
+            bail!("{} exited ({status}):\n{}", proc.name(), proc.tail(40));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `ready` every 25 ms until it says `true`, fails, or `timeout` passes.
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready()? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
