@@ -17,4 +17,4 @@ fi
 export RESTATE_SERVER_BIN
 echo "test.sh: RESTATE_SERVER_BIN=$RESTATE_SERVER_BIN" >&2
 
-exec cargo test --all-targets "$@"
+exec cargo test --workspace --all-targets "$@"

@@ -19,9 +19,13 @@
 //! break it (`kill_node`, `kill_service`), assert with [`admin::Admin`] and the ledger.
 
 pub mod admin;
+pub mod bench;
+pub mod cli;
 pub mod client;
+pub mod crash;
 pub mod ledger;
 pub mod load;
+pub mod measure;
 pub mod paths;
 pub mod ports;
 pub mod process;
