@@ -144,7 +144,7 @@ impl Admin {
     pub fn invocations(&self, filter: &str) -> anyhow::Result<Vec<Invocation>> {
         self.query_as(&format!(
             "SELECT {INVOCATION_COLUMNS} FROM sys_invocation \
-             WHERE target_service_name = '{SERVICE}' AND ({filter}) ORDER BY created_at"
+             WHERE target_service_name = '{SERVICE}' AND ({filter}) ORDER BY created_at, id"
         ))
     }
 

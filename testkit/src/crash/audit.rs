@@ -1,0 +1,740 @@
+//! The crash test's oracle: what the gateway did (its ledger) against what Restate holds (the
+//! final `GetPayment`, the stored refunds, the invocations) and what the clients were told.
+//! Plain code over plain data: every [`Kind`] of violation has a unit test that feeds it a
+//! synthetic ledger and end state and sees it caught.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use payment_service::gateway::{LedgerEntry, LedgerOp, LedgerOutcome};
+use payment_service::payment::model::MSG_ALREADY_PROCESSED;
+use payment_service::payment::{Payment, PaymentResult, PaymentStatus, Refund};
+
+use super::plan::{Params, PaymentPlan};
+use crate::admin::Invocation;
+use crate::client::{Answer, CallError, REFUND};
+use crate::stack::PROBE_PREFIX;
+
+/// A client call's end: the service's answer, or none before the deadline.
+pub type Reply<T> = Result<Answer<T>, CallError>;
+
+/// What the clients of one payment got.
+#[derive(Debug, Clone, Default)]
+pub struct PaymentLog {
+    pub creates: Vec<Reply<PaymentResult>>,
+    /// (amount asked, answer)
+    pub refunds: Vec<(Option<u64>, Reply<Refund>)>,
+    /// GetPayment right after the CreatePayment answers.
+    pub get: Option<Reply<Payment>>,
+}
+
+/// The system once it has settled: what the audit reads.
+#[derive(Debug, Clone, Default)]
+pub struct EndState {
+    /// The final GetPayment of each payment, in plan order.
+    pub finals: Vec<Reply<Payment>>,
+    /// The `refund` state key of each payment that has one.
+    pub stored_refunds: BTreeMap<String, Refund>,
+    /// `PaymentService` invocations not completed: there must be none.
+    pub unfinished: Vec<Invocation>,
+    /// `PaymentService` invocations that completed with a failure.
+    pub failed_invocations: Vec<Invocation>,
+    pub invocations: u64,
+    pub ledger: Vec<LedgerEntry>,
+}
+
+/// What the kills did.
+#[derive(Debug, Clone, Default)]
+pub struct ChaosLog {
+    pub service_kills: usize,
+    /// restate-server kills, or node kills on a cluster.
+    pub server_kills: usize,
+    /// Kills of each node.
+    pub node_kills: Vec<usize>,
+    /// A restart that did not work, or a process that died by itself: the run is void.
+    pub error: Option<String>,
+}
+
+/// One thing that must not happen, and the payment it happened to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub payment: Option<String>,
+    pub kind: Kind,
+}
+
+/// The kinds of violation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    /// The gateway took the money more than once (succeeded, non-replay charges).
+    ChargedTwice {
+        charge_ids: Vec<String>,
+    },
+    RefundedTwice {
+        refund_ids: Vec<String>,
+    },
+    /// The gateway decided the charge more than once (declined and charged, or declined twice).
+    DecidedTwice {
+        charged: usize,
+        declined: usize,
+    },
+    /// A ledger line of an operation or outcome the gateway never produces.
+    UnexpectedLedgerLine {
+        line: String,
+    },
+    ChargedOtherAmount {
+        charged: u64,
+        planned: u64,
+    },
+    RefundWithoutCharge {
+        line: String,
+    },
+    RefundAboveCharge {
+        refunded: u64,
+        charged: u64,
+    },
+    /// A refund of an amount no client asked for.
+    RefundNotAsked {
+        refunded: u64,
+        asked: Vec<u64>,
+    },
+    /// No final GetPayment answer, or a refusal (a lost payment answers 404).
+    NoFinalState {
+        answer: String,
+    },
+    /// The stored payment is not what the clients asked for.
+    NotWhatWasAsked {
+        payment: String,
+    },
+    SettledWithoutCharge {
+        status: PaymentStatus,
+    },
+    ChargeIdMismatch {
+        state: Option<String>,
+        gateway: Option<String>,
+    },
+    /// `failed` while the gateway took the money.
+    FailedButCharged {
+        charge_id: String,
+    },
+    /// `failed` although the gateway never declined (nor charged) it.
+    FailedWithoutDecline,
+    FailedWithChargeId {
+        charge_id: String,
+    },
+    DeclinedButNotFailed {
+        status: PaymentStatus,
+    },
+    /// Not settled (`pending`).
+    Unsettled {
+        status: PaymentStatus,
+    },
+    RefundedWithoutLedgerRefund,
+    LedgerRefundButNotRefunded {
+        status: PaymentStatus,
+        line: String,
+    },
+    RefundedWithoutStoredRefund,
+    StoredRefundMismatch {
+        stored: String,
+        gateway: String,
+    },
+    StoredRefundButNotRefunded {
+        status: PaymentStatus,
+    },
+    /// A CreatePayment client was told another outcome than the end state's.
+    CreateToldOtherwise {
+        told: String,
+        status: PaymentStatus,
+        charge_id: Option<String>,
+    },
+    CreateRefused {
+        status: u16,
+        message: String,
+    },
+    /// More than one client was told "processed successfully".
+    SeveralFreshAnswers {
+        n: usize,
+    },
+    RefundToldOtherwise {
+        asked: Option<u64>,
+        told: String,
+        gateway: String,
+        stored: String,
+    },
+    RefundRefused {
+        asked: Option<u64>,
+        status: u16,
+        message: String,
+        payment: PaymentStatus,
+    },
+    /// A client got no answer before the deadline.
+    Unanswered {
+        handler: &'static str,
+        last: String,
+    },
+    GetAfterCreateMismatch {
+        seen: String,
+        end: String,
+    },
+    /// The gateway saw a payment no client asked for.
+    UnknownPayment,
+    InvocationUnfinished {
+        invocation: String,
+    },
+    InvocationFailed {
+        handler: String,
+        failure: String,
+    },
+    /// The kills did not go as planned (a restart failed, a process died by itself).
+    Chaos {
+        error: String,
+    },
+    TooFewKills {
+        service: usize,
+        server: usize,
+        planned: usize,
+    },
+    /// No gateway call ran again: no kill landed between the gateway acting and the journal
+    /// recording it, so the run proved nothing.
+    NothingReexecuted,
+}
+
+impl Kind {
+    /// A short name per kind (the unit tests check that each one can be caught).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::ChargedTwice { .. } => "charged-twice",
+            Kind::RefundedTwice { .. } => "refunded-twice",
+            Kind::DecidedTwice { .. } => "decided-twice",
+            Kind::UnexpectedLedgerLine { .. } => "unexpected-ledger-line",
+            Kind::ChargedOtherAmount { .. } => "charged-other-amount",
+            Kind::RefundWithoutCharge { .. } => "refund-without-charge",
+            Kind::RefundAboveCharge { .. } => "refund-above-charge",
+            Kind::RefundNotAsked { .. } => "refund-not-asked",
+            Kind::NoFinalState { .. } => "no-final-state",
+            Kind::NotWhatWasAsked { .. } => "not-what-was-asked",
+            Kind::SettledWithoutCharge { .. } => "settled-without-charge",
+            Kind::ChargeIdMismatch { .. } => "charge-id-mismatch",
+            Kind::FailedButCharged { .. } => "failed-but-charged",
+            Kind::FailedWithoutDecline => "failed-without-decline",
+            Kind::FailedWithChargeId { .. } => "failed-with-charge-id",
+            Kind::DeclinedButNotFailed { .. } => "declined-but-not-failed",
+            Kind::Unsettled { .. } => "unsettled",
+            Kind::RefundedWithoutLedgerRefund => "refunded-without-ledger-refund",
+            Kind::LedgerRefundButNotRefunded { .. } => "ledger-refund-but-not-refunded",
+            Kind::RefundedWithoutStoredRefund => "refunded-without-stored-refund",
+            Kind::StoredRefundMismatch { .. } => "stored-refund-mismatch",
+            Kind::StoredRefundButNotRefunded { .. } => "stored-refund-but-not-refunded",
+            Kind::CreateToldOtherwise { .. } => "create-told-otherwise",
+            Kind::CreateRefused { .. } => "create-refused",
+            Kind::SeveralFreshAnswers { .. } => "several-fresh-answers",
+            Kind::RefundToldOtherwise { .. } => "refund-told-otherwise",
+            Kind::RefundRefused { .. } => "refund-refused",
+            Kind::Unanswered { .. } => "unanswered",
+            Kind::GetAfterCreateMismatch { .. } => "get-after-create-mismatch",
+            Kind::UnknownPayment => "unknown-payment",
+            Kind::InvocationUnfinished { .. } => "invocation-unfinished",
+            Kind::InvocationFailed { .. } => "invocation-failed",
+            Kind::Chaos { .. } => "chaos",
+            Kind::TooFewKills { .. } => "too-few-kills",
+            Kind::NothingReexecuted => "nothing-reexecuted",
+        }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.payment {
+            Some(id) => write!(f, "{id}: {} {:?}", self.kind.name(), self.kind),
+            None => write!(f, "{} {:?}", self.kind.name(), self.kind),
+        }
+    }
+}
+
+/// What the audit found: figures and violations.
+#[derive(Debug, Clone, Default)]
+pub struct Findings {
+    pub ledger_charges: usize,
+    pub ledger_refunds: usize,
+    /// Calls whose key the ledger had seen before: a step that ran again.
+    pub reexecuted: usize,
+    /// Lines marked `replay` by the gateway (equal to `reexecuted` when keys are honoured).
+    pub replays: usize,
+    pub completed: usize,
+    pub failed: usize,
+    pub refunded: usize,
+    pub other_status: usize,
+    pub expected_409s: usize,
+    pub probe_404s: usize,
+    pub violations: Vec<Violation>,
+}
+
+impl Findings {
+    fn violation(&mut self, id: &str, kind: Kind) {
+        self.violations.push(Violation {
+            payment: Some(id.to_owned()),
+            kind,
+        });
+    }
+
+    fn general(&mut self, kind: Kind) {
+        self.violations.push(Violation {
+            payment: None,
+            kind,
+        });
+    }
+
+    pub fn count(&self, name: &str) -> usize {
+        self.violations
+            .iter()
+            .filter(|v| v.kind.name() == name)
+            .count()
+    }
+
+    /// The payments with a violation, for the journal dump.
+    pub fn suspects(&self) -> BTreeSet<String> {
+        self.violations
+            .iter()
+            .filter_map(|v| v.payment.clone())
+            .collect()
+    }
+}
+
+/// A ledger line, short: `refund refund:p-1 2500 Succeeded re_… replay=false`.
+pub fn show(e: &LedgerEntry) -> String {
+    format!(
+        "{:?} {} {} {:?} {} replay={}",
+        e.op,
+        e.idempotency_key,
+        e.amount,
+        e.outcome,
+        e.id.as_deref().unwrap_or("-"),
+        e.replay
+    )
+}
+
+fn refund_of(r: &Refund) -> String {
+    format!("{} of {}", r.refund_id, r.amount)
+}
+
+/// What the gateway did for one payment, from its ledger lines.
+struct GatewayView<'a> {
+    /// The charge it made (the first, if it made several).
+    charge_id: Option<String>,
+    declined: bool,
+    refund: Option<&'a LedgerEntry>,
+}
+
+impl<'a> GatewayView<'a> {
+    /// Reads one payment's lines, and checks them on their own.
+    fn of(plan: &PaymentPlan, lines: &[&'a LedgerEntry], f: &mut Findings) -> Self {
+        let id = plan.id.as_str();
+        let acted = |op: LedgerOp, outcome: LedgerOutcome| -> Vec<&'a LedgerEntry> {
+            lines
+                .iter()
+                .copied()
+                .filter(|e| e.op == op && e.outcome == outcome && !e.replay)
+                .collect()
+        };
+        let charged = acted(LedgerOp::Charge, LedgerOutcome::Succeeded);
+        let declined = acted(LedgerOp::Charge, LedgerOutcome::Declined);
+        let refunded = acted(LedgerOp::Refund, LedgerOutcome::Succeeded);
+        let ids = |lines: &[&LedgerEntry]| lines.iter().filter_map(|e| e.id.clone()).collect();
+        for e in lines {
+            if e.op == LedgerOp::Refund && e.outcome == LedgerOutcome::Declined {
+                f.violation(id, Kind::UnexpectedLedgerLine { line: show(e) });
+            }
+            if e.op == LedgerOp::Charge && e.amount != plan.amount {
+                f.violation(
+                    id,
+                    Kind::ChargedOtherAmount {
+                        charged: e.amount,
+                        planned: plan.amount,
+                    },
+                );
+            }
+        }
+        if charged.len() > 1 {
+            f.violation(
+                id,
+                Kind::ChargedTwice {
+                    charge_ids: ids(&charged),
+                },
+            );
+        }
+        if refunded.len() > 1 {
+            f.violation(
+                id,
+                Kind::RefundedTwice {
+                    refund_ids: ids(&refunded),
+                },
+            );
+        }
+        if declined.len() > 1 || (!declined.is_empty() && !charged.is_empty()) {
+            f.violation(
+                id,
+                Kind::DecidedTwice {
+                    charged: charged.len(),
+                    declined: declined.len(),
+                },
+            );
+        }
+        let refund = refunded.first().copied();
+        if let Some(r) = refund {
+            if charged.is_empty() {
+                f.violation(id, Kind::RefundWithoutCharge { line: show(r) });
+            }
+            let asked = plan.refund_amounts();
+            if r.amount == 0 || r.amount > plan.amount {
+                f.violation(
+                    id,
+                    Kind::RefundAboveCharge {
+                        refunded: r.amount,
+                        charged: plan.amount,
+                    },
+                );
+            } else if !asked.contains(&r.amount) {
+                f.violation(
+                    id,
+                    Kind::RefundNotAsked {
+                        refunded: r.amount,
+                        asked: asked.into_iter().collect(),
+                    },
+                );
+            }
+        }
+        Self {
+            charge_id: charged.first().and_then(|e| e.id.clone()),
+            declined: !declined.is_empty(),
+            refund,
+        }
+    }
+}
+
+/// The whole audit: the ledger, every payment, the invocations, the kills.
+pub fn audit(
+    p: &Params,
+    plans: &[PaymentPlan],
+    logs: &[PaymentLog],
+    end: &EndState,
+    chaos: &ChaosLog,
+) -> Findings {
+    let mut f = Findings::default();
+    let mut by_payment: HashMap<&str, Vec<&LedgerEntry>> = HashMap::new();
+    let mut seen_keys = BTreeSet::new();
+    for e in &end.ledger {
+        by_payment.entry(&e.payment_id).or_default().push(e);
+        f.reexecuted += usize::from(!seen_keys.insert(e.idempotency_key.as_str()));
+        f.replays += usize::from(e.replay);
+        f.ledger_charges += usize::from(e.op == LedgerOp::Charge);
+        f.ledger_refunds += usize::from(e.op == LedgerOp::Refund);
+    }
+    for (i, plan) in plans.iter().enumerate() {
+        let lines = by_payment.remove(plan.id.as_str()).unwrap_or_default();
+        let payment = PaymentAudit {
+            plan,
+            log: &logs[i],
+            stored_refund: end.stored_refunds.get(&plan.id),
+            gw: GatewayView::of(plan, &lines, &mut f),
+        };
+        match &end.finals[i] {
+            Ok(Answer::Ok(state)) => payment.check(state, &mut f),
+            other => {
+                f.other_status += 1;
+                f.violation(
+                    &plan.id,
+                    Kind::NoFinalState {
+                        answer: format!("{other:?}"),
+                    },
+                );
+            }
+        }
+    }
+    for id in by_payment.keys() {
+        f.violation(id, Kind::UnknownPayment);
+    }
+    audit_invocations(plans, end, &mut f);
+    if let Some(error) = &chaos.error {
+        f.general(Kind::Chaos {
+            error: error.clone(),
+        });
+    }
+    if chaos.service_kills == 0 || chaos.server_kills < p.server_kills {
+        f.general(Kind::TooFewKills {
+            service: chaos.service_kills,
+            server: chaos.server_kills,
+            planned: p.server_kills,
+        });
+    }
+    if f.reexecuted == 0 {
+        f.general(Kind::NothingReexecuted);
+    }
+    f
+}
+
+/// Nothing unfinished; no failure but the expected ones: the readiness probes' 404 and the
+/// 409 of refunding a failed payment.
+fn audit_invocations(plans: &[PaymentPlan], end: &EndState, f: &mut Findings) {
+    for inv in &end.unfinished {
+        f.violation(
+            &inv.target_service_key,
+            Kind::InvocationUnfinished {
+                invocation: format!("{inv:?}"),
+            },
+        );
+    }
+    let failed_payments: BTreeSet<&str> = plans
+        .iter()
+        .zip(&end.finals)
+        .filter(
+            |(_, answer)| matches!(answer, Ok(Answer::Ok(p)) if p.status == PaymentStatus::Failed),
+        )
+        .map(|(plan, _)| plan.id.as_str())
+        .collect();
+    for inv in &end.failed_invocations {
+        let key = inv.target_service_key.as_str();
+        let failure = inv.completion_failure.as_deref().unwrap_or("?");
+        if key.starts_with(PROBE_PREFIX) && failure.starts_with("[404]") {
+            f.probe_404s += 1;
+        } else if inv.target_handler_name == REFUND
+            && failure.starts_with("[409]")
+            && failed_payments.contains(key)
+        {
+            f.expected_409s += 1;
+        } else {
+            f.violation(
+                key,
+                Kind::InvocationFailed {
+                    handler: inv.target_handler_name.clone(),
+                    failure: failure.to_owned(),
+                },
+            );
+        }
+    }
+}
+
+/// One payment's audit: its plan, what its clients got, the gateway's view of it.
+struct PaymentAudit<'a> {
+    plan: &'a PaymentPlan,
+    log: &'a PaymentLog,
+    stored_refund: Option<&'a Refund>,
+    gw: GatewayView<'a>,
+}
+
+impl PaymentAudit<'_> {
+    fn check(&self, end: &Payment, f: &mut Findings) {
+        match end.status {
+            PaymentStatus::Completed => f.completed += 1,
+            PaymentStatus::Failed => f.failed += 1,
+            PaymentStatus::Refunded => f.refunded += 1,
+            PaymentStatus::Pending => f.other_status += 1,
+        }
+        self.check_state(end, f);
+        self.check_refund(end, f);
+        self.check_creates(end, f);
+        self.check_refund_clients(end, f);
+        self.check_get(end, f);
+    }
+
+    /// The end state, as GetPayment tells it, against the ledger.
+    fn check_state(&self, end: &Payment, f: &mut Findings) {
+        let id = self.plan.id.as_str();
+        if end.amount.minor_units() != self.plan.amount || end.customer_id != self.plan.customer {
+            f.violation(
+                id,
+                Kind::NotWhatWasAsked {
+                    payment: format!("{end:?}"),
+                },
+            );
+        }
+        let charged = &self.gw.charge_id;
+        match end.status {
+            PaymentStatus::Completed | PaymentStatus::Refunded if charged.is_none() => {
+                f.violation(id, Kind::SettledWithoutCharge { status: end.status })
+            }
+            PaymentStatus::Completed | PaymentStatus::Refunded if &end.charge_id != charged => f
+                .violation(
+                    id,
+                    Kind::ChargeIdMismatch {
+                        state: end.charge_id.clone(),
+                        gateway: charged.clone(),
+                    },
+                ),
+            PaymentStatus::Completed | PaymentStatus::Refunded => {}
+            PaymentStatus::Failed => {
+                if let Some(charge_id) = charged {
+                    f.violation(
+                        id,
+                        Kind::FailedButCharged {
+                            charge_id: charge_id.clone(),
+                        },
+                    );
+                } else if !self.gw.declined {
+                    f.violation(id, Kind::FailedWithoutDecline);
+                }
+                if let Some(charge_id) = &end.charge_id {
+                    f.violation(
+                        id,
+                        Kind::FailedWithChargeId {
+                            charge_id: charge_id.clone(),
+                        },
+                    );
+                }
+            }
+            PaymentStatus::Pending => f.violation(id, Kind::Unsettled { status: end.status }),
+        }
+        if end.status != PaymentStatus::Failed && charged.is_none() && self.gw.declined {
+            f.violation(id, Kind::DeclinedButNotFailed { status: end.status });
+        }
+    }
+
+    /// The refund: ledger ⇔ status ⇔ stored refund.
+    fn check_refund(&self, end: &Payment, f: &mut Findings) {
+        let id = self.plan.id.as_str();
+        let refunded = end.status == PaymentStatus::Refunded;
+        match (refunded, self.gw.refund, self.stored_refund) {
+            (true, None, _) => f.violation(id, Kind::RefundedWithoutLedgerRefund),
+            (false, Some(r), _) => f.violation(
+                id,
+                Kind::LedgerRefundButNotRefunded {
+                    status: end.status,
+                    line: show(r),
+                },
+            ),
+            (true, Some(_), None) => f.violation(id, Kind::RefundedWithoutStoredRefund),
+            (true, Some(r), Some(s)) => {
+                if Some(s.refund_id.as_str()) != r.id.as_deref()
+                    || s.amount.minor_units() != r.amount
+                {
+                    f.violation(
+                        id,
+                        Kind::StoredRefundMismatch {
+                            stored: refund_of(s),
+                            gateway: show(r),
+                        },
+                    );
+                }
+            }
+            (false, None, Some(_)) => {
+                f.violation(id, Kind::StoredRefundButNotRefunded { status: end.status })
+            }
+            (false, None, None) => {}
+        }
+    }
+
+    /// What the CreatePayment clients were told.
+    fn check_creates(&self, end: &Payment, f: &mut Findings) {
+        let id = self.plan.id.as_str();
+        // A refunded payment was completed when its creates were answered.
+        let told_status = match end.status {
+            PaymentStatus::Refunded => PaymentStatus::Completed,
+            status => status,
+        };
+        let mut fresh = 0;
+        for answer in &self.log.creates {
+            match answer {
+                Ok(Answer::Ok(a)) => {
+                    fresh += usize::from(a.message != MSG_ALREADY_PROCESSED);
+                    if a.status != told_status || a.charge_id != end.charge_id {
+                        f.violation(
+                            id,
+                            Kind::CreateToldOtherwise {
+                                told: format!("{a:?}"),
+                                status: end.status,
+                                charge_id: end.charge_id.clone(),
+                            },
+                        );
+                    }
+                }
+                Ok(Answer::Refused(r)) => f.violation(
+                    id,
+                    Kind::CreateRefused {
+                        status: r.status,
+                        message: r.message.clone(),
+                    },
+                ),
+                Err(e) => f.violation(
+                    id,
+                    Kind::Unanswered {
+                        handler: "CreatePayment",
+                        last: e.to_string(),
+                    },
+                ),
+            }
+        }
+        if fresh > 1 {
+            f.violation(id, Kind::SeveralFreshAnswers { n: fresh });
+        }
+    }
+
+    /// What the RefundPayment clients were told.
+    fn check_refund_clients(&self, end: &Payment, f: &mut Findings) {
+        let id = self.plan.id.as_str();
+        for (asked, answer) in &self.log.refunds {
+            match answer {
+                Ok(Answer::Ok(a)) => {
+                    let as_ledger = self.gw.refund.is_some_and(|r| {
+                        r.id.as_deref() == Some(a.refund_id.as_str())
+                            && r.amount == a.amount.minor_units()
+                    });
+                    if !as_ledger || self.stored_refund != Some(a) {
+                        f.violation(
+                            id,
+                            Kind::RefundToldOtherwise {
+                                asked: *asked,
+                                told: refund_of(a),
+                                gateway: self.gw.refund.map_or("nothing".into(), show),
+                                stored: self.stored_refund.map_or("nothing".into(), refund_of),
+                            },
+                        );
+                    }
+                }
+                Ok(Answer::Refused(r))
+                    if r.status == 409 && end.status == PaymentStatus::Failed => {}
+                Ok(Answer::Refused(r)) => f.violation(
+                    id,
+                    Kind::RefundRefused {
+                        asked: *asked,
+                        status: r.status,
+                        message: r.message.clone(),
+                        payment: end.status,
+                    },
+                ),
+                Err(e) => f.violation(
+                    id,
+                    Kind::Unanswered {
+                        handler: "RefundPayment",
+                        last: e.to_string(),
+                    },
+                ),
+            }
+        }
+    }
+
+    /// The GetPayment right after the creates: settled, with the end's charge.
+    fn check_get(&self, end: &Payment, f: &mut Findings) {
+        let id = self.plan.id.as_str();
+        match &self.log.get {
+            None => {}
+            Some(Ok(Answer::Ok(seen)))
+                if seen.status != PaymentStatus::Pending && seen.charge_id == end.charge_id => {}
+            Some(Err(e)) => f.violation(
+                id,
+                Kind::Unanswered {
+                    handler: "GetPayment",
+                    last: e.to_string(),
+                },
+            ),
+            Some(other) => f.violation(
+                id,
+                Kind::GetAfterCreateMismatch {
+                    seen: format!("{other:?}"),
+                    end: format!("{end:?}"),
+                },
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,409 @@
+//! The audit against synthetic runs: a clean one passes, and each kind of violation, planted
+//! in a copy of it, is caught.
+
+use serde_json::json;
+
+use super::*;
+use crate::client::Refusal;
+
+/// A clean run of two payments: one charged (a step re-executed: a replayed charge line) and
+/// refunded, one declined whose refund was refused with 409.
+struct World {
+    params: Params,
+    plans: Vec<PaymentPlan>,
+    logs: Vec<PaymentLog>,
+    end: EndState,
+    chaos: ChaosLog,
+}
+
+const A: &str = "crash-0000";
+const B: &str = "crash-0001";
+
+fn plan(id: &str, amount: u64, customer: &str) -> PaymentPlan {
+    PaymentPlan {
+        id: id.into(),
+        amount,
+        customer: customer.into(),
+        creates: 2,
+        start: std::time::Duration::ZERO,
+        refunds: vec![None],
+        refund_pause: std::time::Duration::ZERO,
+        ingresses: vec![0; 4],
+    }
+}
+
+fn line(
+    op: LedgerOp,
+    id: &str,
+    amount: u64,
+    outcome: LedgerOutcome,
+    gw_id: Option<&str>,
+    replay: bool,
+) -> LedgerEntry {
+    let prefix = if op == LedgerOp::Charge {
+        "charge"
+    } else {
+        "refund"
+    };
+    LedgerEntry {
+        op,
+        idempotency_key: format!("{prefix}:{id}"),
+        payment_id: id.into(),
+        amount,
+        outcome,
+        id: gw_id.map(str::to_owned),
+        replay,
+    }
+}
+
+fn payment(
+    id: &str,
+    amount: u64,
+    customer: &str,
+    status: &str,
+    charge_id: Option<&str>,
+) -> Payment {
+    serde_json::from_value(json!({
+        "paymentId": id, "amount": amount, "currency": "USD", "description": "crash test",
+        "customerId": customer, "status": status, "chargeId": charge_id,
+        "createdAt": "2026-12-02T04:00:00.000Z",
+    }))
+    .unwrap()
+}
+
+fn result(id: &str, status: &str, charge_id: Option<&str>, message: &str) -> PaymentResult {
+    serde_json::from_value(json!({
+        "paymentId": id, "status": status, "chargeId": charge_id, "message": message,
+    }))
+    .unwrap()
+}
+
+fn refund(refund_id: &str, amount: u64) -> Refund {
+    serde_json::from_value(json!({
+        "refundId": refund_id, "status": "completed", "amount": amount,
+        "message": "Refund processed successfully", "reason": "crash test refund",
+        "refundedAt": "2026-12-02T04:00:01.000Z",
+    }))
+    .unwrap()
+}
+
+fn refused(status: u16) -> Answer<Refund> {
+    Answer::Refused(Refusal {
+        status,
+        message: format!("HTTP {status}"),
+        body: serde_json::Value::Null,
+    })
+}
+
+fn invocation(key: &str, handler: &str, status: &str, failure: Option<&str>) -> Invocation {
+    Invocation {
+        id: format!("inv_{key}_{handler}"),
+        target_service_key: key.into(),
+        target_handler_name: handler.into(),
+        status: status.into(),
+        retry_count: None,
+        last_failure: None,
+        completion_result: failure.map(|_| "failure".into()),
+        completion_failure: failure.map(str::to_owned),
+    }
+}
+
+fn clean() -> World {
+    use LedgerOp::{Charge, Refund as Ref};
+    use LedgerOutcome::{Declined, Succeeded};
+    let params = Params {
+        server_kills: 1,
+        ..Params::new(false, 1, 1)
+    };
+    let plans = vec![plan(A, 1000, "cust-1"), plan(B, 500, "decline-cust-1")];
+    let completed = payment(A, 1000, "cust-1", "completed", Some("ch_a"));
+    let mut failed = payment(B, 500, "decline-cust-1", "failed", None);
+    failed.error_msg = Some("insufficient funds".into());
+    let logs = vec![
+        PaymentLog {
+            creates: vec![
+                Ok(Answer::Ok(result(
+                    A,
+                    "completed",
+                    Some("ch_a"),
+                    "Payment processed successfully",
+                ))),
+                Ok(Answer::Ok(result(
+                    A,
+                    "completed",
+                    Some("ch_a"),
+                    MSG_ALREADY_PROCESSED,
+                ))),
+            ],
+            refunds: vec![(None, Ok(Answer::Ok(refund("re_a", 1000))))],
+            get: Some(Ok(Answer::Ok(completed))),
+        },
+        PaymentLog {
+            creates: vec![
+                Ok(Answer::Ok(result(B, "failed", None, "insufficient funds"))),
+                Ok(Answer::Ok(result(B, "failed", None, MSG_ALREADY_PROCESSED))),
+            ],
+            refunds: vec![(None, Ok(refused(409)))],
+            get: Some(Ok(Answer::Ok(failed.clone()))),
+        },
+    ];
+    let end = EndState {
+        finals: vec![
+            Ok(Answer::Ok(payment(
+                A,
+                1000,
+                "cust-1",
+                "refunded",
+                Some("ch_a"),
+            ))),
+            Ok(Answer::Ok(failed)),
+        ],
+        stored_refunds: [(A.to_owned(), refund("re_a", 1000))].into(),
+        unfinished: Vec::new(),
+        failed_invocations: vec![
+            invocation(B, REFUND, "completed", Some("[409] cannot refund")),
+            invocation(
+                "probe-node-1-0",
+                "GetPayment",
+                "completed",
+                Some("[404] not found"),
+            ),
+        ],
+        invocations: 8,
+        ledger: vec![
+            line(Charge, A, 1000, Succeeded, Some("ch_a"), false),
+            line(Charge, A, 1000, Succeeded, Some("ch_a"), true),
+            line(Ref, A, 1000, Succeeded, Some("re_a"), false),
+            line(Charge, B, 500, Declined, None, false),
+        ],
+    };
+    let chaos = ChaosLog {
+        service_kills: 3,
+        server_kills: 1,
+        node_kills: vec![1],
+        error: None,
+    };
+    World {
+        params,
+        plans,
+        logs,
+        end,
+        chaos,
+    }
+}
+
+fn run(w: &World) -> Findings {
+    audit(&w.params, &w.plans, &w.logs, &w.end, &w.chaos)
+}
+
+fn final_mut(w: &mut World, i: usize) -> &mut Payment {
+    match &mut w.end.finals[i] {
+        Ok(Answer::Ok(p)) => p,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_clean_run_passes_with_its_figures() {
+    let f = run(&clean());
+    assert!(f.violations.is_empty(), "{:#?}", f.violations);
+    assert_eq!((f.completed, f.failed, f.refunded), (0, 1, 1));
+    assert_eq!((f.reexecuted, f.replays), (1, 1));
+    assert_eq!((f.expected_409s, f.probe_404s), (1, 1));
+    assert_eq!((f.ledger_charges, f.ledger_refunds), (3, 1));
+}
+
+/// Each kind, planted in a clean run.
+#[allow(clippy::type_complexity)]
+const CASES: &[(&str, fn(&mut World))] = &[
+    ("charged-twice", |w| {
+        w.end.ledger.push(line(
+            LedgerOp::Charge,
+            A,
+            1000,
+            LedgerOutcome::Succeeded,
+            Some("ch_b"),
+            false,
+        ))
+    }),
+    ("refunded-twice", |w| {
+        w.end.ledger.push(line(
+            LedgerOp::Refund,
+            A,
+            1000,
+            LedgerOutcome::Succeeded,
+            Some("re_b"),
+            false,
+        ))
+    }),
+    ("decided-twice", |w| {
+        w.end.ledger.push(line(
+            LedgerOp::Charge,
+            B,
+            500,
+            LedgerOutcome::Declined,
+            None,
+            false,
+        ))
+    }),
+    ("unexpected-ledger-line", |w| {
+        w.end.ledger.push(line(
+            LedgerOp::Refund,
+            B,
+            500,
+            LedgerOutcome::Declined,
+            None,
+            false,
+        ))
+    }),
+    ("charged-other-amount", |w| w.end.ledger[1].amount = 999),
+    ("refund-without-charge", |w| {
+        w.end.ledger.push(line(
+            LedgerOp::Refund,
+            B,
+            500,
+            LedgerOutcome::Succeeded,
+            Some("re_x"),
+            false,
+        ))
+    }),
+    ("refund-above-charge", |w| w.end.ledger[2].amount = 2000),
+    ("refund-not-asked", |w| w.end.ledger[2].amount = 700),
+    ("no-final-state", |w| {
+        w.end.finals[0] = Ok(Answer::Refused(Refusal {
+            status: 404,
+            message: "payment crash-0000 not found".into(),
+            body: serde_json::Value::Null,
+        }))
+    }),
+    ("not-what-was-asked", |w| {
+        final_mut(w, 0).customer_id = "cust-2".into()
+    }),
+    ("settled-without-charge", |w| {
+        w.end
+            .ledger
+            .retain(|e| e.op != LedgerOp::Charge || e.payment_id != A)
+    }),
+    ("charge-id-mismatch", |w| {
+        final_mut(w, 0).charge_id = Some("ch_z".into())
+    }),
+    ("failed-but-charged", |w| {
+        let p = final_mut(w, 0);
+        p.status = PaymentStatus::Failed;
+        p.charge_id = None;
+    }),
+    ("failed-without-decline", |w| {
+        w.end.ledger.retain(|e| e.payment_id != B)
+    }),
+    ("failed-with-charge-id", |w| {
+        final_mut(w, 1).charge_id = Some("ch_q".into())
+    }),
+    ("declined-but-not-failed", |w| {
+        final_mut(w, 1).status = PaymentStatus::Completed
+    }),
+    ("unsettled", |w| {
+        final_mut(w, 1).status = PaymentStatus::Pending
+    }),
+    ("refunded-without-ledger-refund", |w| {
+        w.end.ledger.retain(|e| e.op != LedgerOp::Refund)
+    }),
+    ("ledger-refund-but-not-refunded", |w| {
+        final_mut(w, 0).status = PaymentStatus::Completed
+    }),
+    ("refunded-without-stored-refund", |w| {
+        w.end.stored_refunds.clear()
+    }),
+    ("stored-refund-mismatch", |w| {
+        w.end.stored_refunds.get_mut(A).unwrap().refund_id = "re_other".into()
+    }),
+    ("stored-refund-but-not-refunded", |w| {
+        w.end.stored_refunds.insert(B.into(), refund("re_b", 500));
+    }),
+    ("create-told-otherwise", |w| {
+        w.logs[0].creates[1] = Ok(Answer::Ok(result(
+            A,
+            "completed",
+            Some("ch_other"),
+            MSG_ALREADY_PROCESSED,
+        )))
+    }),
+    ("create-refused", |w| {
+        w.logs[0].creates[1] = Ok(Answer::Refused(Refusal {
+            status: 409,
+            message: "conflict".into(),
+            body: serde_json::Value::Null,
+        }))
+    }),
+    ("several-fresh-answers", |w| {
+        w.logs[0].creates[1] = Ok(Answer::Ok(result(
+            A,
+            "completed",
+            Some("ch_a"),
+            "Payment processed successfully",
+        )))
+    }),
+    ("refund-told-otherwise", |w| {
+        w.logs[0].refunds[0].1 = Ok(Answer::Ok(refund("re_other", 1000)))
+    }),
+    ("refund-refused", |w| {
+        w.logs[0].refunds[0].1 = Ok(refused(503))
+    }),
+    ("unanswered", |w| {
+        w.logs[0].creates[0] = Err(CallError::Silent("timeout".into()))
+    }),
+    ("get-after-create-mismatch", |w| {
+        w.logs[0].get = Some(Ok(Answer::Ok(payment(A, 1000, "cust-1", "pending", None))))
+    }),
+    ("unknown-payment", |w| {
+        w.end.ledger.push(line(
+            LedgerOp::Charge,
+            "crash-9999",
+            1,
+            LedgerOutcome::Succeeded,
+            Some("ch_9"),
+            false,
+        ))
+    }),
+    ("invocation-unfinished", |w| {
+        w.end
+            .unfinished
+            .push(invocation(A, "RefundPayment", "backing-off", None))
+    }),
+    ("invocation-failed", |w| {
+        w.end.failed_invocations.push(invocation(
+            A,
+            "CreatePayment",
+            "completed",
+            Some("[500] boom"),
+        ))
+    }),
+    ("chaos", |w| {
+        w.chaos.error = Some("payment-service exited by itself".into())
+    }),
+    ("too-few-kills", |w| w.chaos.server_kills = 0),
+    ("nothing-reexecuted", |w| w.end.ledger.retain(|e| !e.replay)),
+];
+
+#[test]
+fn every_kind_of_violation_is_caught() {
+    for (name, plant) in CASES {
+        let mut w = clean();
+        plant(&mut w);
+        let f = run(&w);
+        assert!(
+            f.count(name) > 0,
+            "{name} not caught; found {:#?}",
+            f.violations
+        );
+    }
+}
+
+#[test]
+fn the_cases_cover_every_kind_once() {
+    let mut names: Vec<&str> = CASES.iter().map(|(n, _)| *n).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), CASES.len(), "a kind has two cases");
+    // The number of `Kind` variants: keep in step when a kind is added.
+    assert_eq!(CASES.len(), 35);
+}

@@ -1,0 +1,110 @@
+//! The crash test's clients: each payment's calls, as its plan says, through the typed client
+//! (which retries transient outcomes until its deadline, moving to the next ingress that is up).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use payment_service::payment::{CreatePaymentBody, Payment, RefundPaymentBody};
+
+use super::audit::{PaymentLog, Reply};
+use super::plan::PaymentPlan;
+use crate::client::{Answer, CREATE, GET, PaymentClient, REFUND};
+use crate::load;
+
+/// Every payment's flow, each started at its planned time; a progress line every 10 s.
+pub async fn run_all(
+    client: PaymentClient,
+    plans: Vec<PaymentPlan>,
+    t0: Instant,
+) -> Vec<PaymentLog> {
+    let total = plans.len();
+    let done = Arc::new(AtomicUsize::new(0));
+    let progress = {
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let n = done.load(Ordering::Relaxed);
+                println!("crash: waiting for clients: {n}/{total} payments done");
+            }
+        })
+    };
+    let schedule = plans.into_iter().map(|p| (p.start, p)).collect();
+    let logs = load::scheduled(t0, schedule, move |plan| {
+        let (client, done) = (client.clone(), Arc::clone(&done));
+        async move {
+            let log = run_payment(&client, &plan).await;
+            done.fetch_add(1, Ordering::Relaxed);
+            log
+        }
+    })
+    .await;
+    progress.abort();
+    logs
+}
+
+/// One payment: its concurrent creates; once one is answered, its refunds (after a pause),
+/// then a GetPayment.
+async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
+    let body = CreatePaymentBody {
+        amount: plan.amount,
+        currency: Some("USD".into()),
+        description: Some("crash test".into()),
+        customer_id: Some(plan.customer.clone()),
+    };
+    let creates = (0..plan.creates).map(|k| {
+        let (client, id, body) = (client.clone(), plan.id.clone(), body.clone());
+        let at = plan.ingress(k);
+        tokio::spawn(async move { client.call(at, &id, CREATE, &body).await })
+    });
+    let mut log = PaymentLog {
+        creates: join(creates).await,
+        ..PaymentLog::default()
+    };
+    if !log.creates.iter().any(|a| matches!(a, Ok(Answer::Ok(_)))) {
+        return log;
+    }
+    if !plan.refunds.is_empty() {
+        tokio::time::sleep(plan.refund_pause).await;
+        let refunds = plan.refunds.iter().enumerate().map(|(k, &amount)| {
+            let (client, id) = (client.clone(), plan.id.clone());
+            let at = plan.ingress(plan.creates + k);
+            let body = RefundPaymentBody {
+                reason: Some("crash test refund".into()),
+                amount,
+            };
+            tokio::spawn(async move { (amount, client.call(at, &id, REFUND, &body).await) })
+        });
+        log.refunds = join(refunds).await;
+    }
+    let at = plan.ingress(plan.creates + plan.refunds.len());
+    log.get = Some(get(client, &plan.id, at).await);
+    log
+}
+
+/// The final GetPayment of every payment, in plan order.
+pub async fn final_states(client: PaymentClient, plans: Vec<PaymentPlan>) -> Vec<Reply<Payment>> {
+    let mut finals = Vec::with_capacity(plans.len());
+    for plan in &plans {
+        let at = plan.ingresses.last().copied().unwrap_or(0);
+        finals.push(get(&client, &plan.id, at).await);
+    }
+    finals
+}
+
+async fn get(client: &PaymentClient, id: &str, at: usize) -> Reply<Payment> {
+    client.call(at, id, GET, &serde_json::json!({})).await
+}
+
+async fn join<T: Send + 'static>(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("a client task panicked"));
+    }
+    out
+}

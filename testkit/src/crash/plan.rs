@@ -1,0 +1,307 @@
+//! The crash test's plan: the load and the kills, all drawn from the seed. Plain data, so that
+//! a seed replays the same schedule (interleavings stay up to the machine).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+/// What a run is made of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    pub full: bool,
+    /// Restate nodes: 1, or 3 for a cluster.
+    pub nodes: usize,
+    pub seed: u64,
+    pub payments: usize,
+    /// How long the kills go on.
+    pub duration: Duration,
+    /// restate-server kills (on a cluster: node kills, one node at a time).
+    pub server_kills: usize,
+    /// The gateway's delay between acting and answering, where a kill cuts the answer off.
+    pub response_delay_ms: u64,
+    pub recovery_timeout: Duration,
+    /// Fault injection: the gateway acts on every call as if its key were new; the run must
+    /// then fail.
+    pub ignore_keys: bool,
+}
+
+/// The mock gateway's delay before it acts.
+pub const GATEWAY_DELAY_MS: u64 = 20;
+/// The seed's decline rate.
+pub const DECLINE_RATE: f64 = 0.1;
+
+impl Params {
+    /// The defaults of a run: small (CI) or full, on one node or three.
+    pub fn new(full: bool, nodes: usize, seed: u64) -> Self {
+        let (payments, duration, server_kills, recovery) = match (full, nodes > 1) {
+            (true, false) => (240, 20.0, 2, 180.0),
+            (false, false) => (60, 8.0, 1, 90.0),
+            // Node restarts take longer than a single server's (a node catches up with the
+            // others before it serves): a longer window keeps the load running across them.
+            (true, true) => (240, 30.0, 3, 240.0),
+            (false, true) => (40, 8.0, 1, 150.0),
+        };
+        let mut schedule = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
+        Self {
+            full,
+            nodes,
+            seed,
+            payments,
+            duration: Duration::from_secs_f64(duration),
+            server_kills,
+            response_delay_ms: schedule.random_range(50..=150),
+            recovery_timeout: Duration::from_secs_f64(recovery),
+            ignore_keys: false,
+        }
+    }
+
+    pub fn cluster(&self) -> bool {
+        self.nodes > 1
+    }
+}
+
+/// One payment's clients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaymentPlan {
+    pub id: String,
+    pub amount: u64,
+    pub customer: String,
+    /// Concurrent CreatePayment calls (the first plus duplicates).
+    pub creates: usize,
+    /// When the first CreatePayment goes out, from the start of the load.
+    pub start: Duration,
+    /// Concurrent RefundPayment calls after the payment was answered: the `amount` each asks
+    /// for (`None`: no amount field, a full refund; `Some(0)`: full too). Empty: no refund.
+    pub refunds: Vec<Option<u64>>,
+    /// Pause between the CreatePayment answer and the refunds.
+    pub refund_pause: Duration,
+    /// The ingress each client call goes to first (a node index): the CreatePayment calls,
+    /// then the RefundPayment calls, then the GetPayment.
+    pub ingresses: Vec<usize>,
+}
+
+impl PaymentPlan {
+    /// The refund amounts this plan may legitimately end with.
+    pub fn refund_amounts(&self) -> BTreeSet<u64> {
+        self.refunds
+            .iter()
+            .map(|a| match a {
+                None | Some(0) => self.amount,
+                Some(a) => *a,
+            })
+            .collect()
+    }
+
+    /// The ingress of client call `k` (see `ingresses`).
+    pub fn ingress(&self, k: usize) -> usize {
+        self.ingresses.get(k).copied().unwrap_or(0)
+    }
+}
+
+/// The payments of a run, in order.
+pub fn payments(p: &Params) -> Vec<PaymentPlan> {
+    let mut rng = StdRng::seed_from_u64(p.seed);
+    // Payments start during most of the kill window, so that kills land on all of them.
+    let window = p.duration.mul_f64(0.85);
+    let mut plans: Vec<PaymentPlan> = (0..p.payments)
+        .map(|i| {
+            let amount = rng.random_range(100..=50_000_u64);
+            let customer = if rng.random_bool(0.06) {
+                format!("decline-cust-{i}")
+            } else {
+                format!("cust-{}", rng.random_range(0..50))
+            };
+            let creates = rng.random_range(2..=3);
+            let start = window.mul_f64(rng.random::<f64>());
+            let refunds = if rng.random_bool(0.45) {
+                refund_amounts(&mut rng, amount)
+            } else {
+                Vec::new()
+            };
+            PaymentPlan {
+                id: format!("crash-{i:04}"),
+                amount,
+                customer,
+                creates,
+                start,
+                refunds,
+                refund_pause: Duration::from_millis(rng.random_range(0..400)),
+                ingresses: Vec::new(),
+            }
+        })
+        .collect();
+    // From an RNG of their own: the plans of a seed are the same on one node and on three.
+    let mut ingress_rng = StdRng::seed_from_u64(p.seed ^ 0x1656_67b1_9e37_79f9);
+    for plan in &mut plans {
+        let calls = plan.creates + plan.refunds.len() + 1;
+        plan.ingresses = (0..calls)
+            .map(|_| ingress_rng.random_range(0..p.nodes))
+            .collect();
+    }
+    plans
+}
+
+/// One or two refund requests: mostly the same request twice; sometimes another amount, of
+/// which the first to run wins and the other gets the same refund back.
+fn refund_amounts(rng: &mut StdRng, amount: u64) -> Vec<Option<u64>> {
+    let copies = rng.random_range(1..=2);
+    let partial = amount > 1 && rng.random_bool(0.4);
+    let first = if partial {
+        Some(rng.random_range(1..amount))
+    } else {
+        [None, Some(0), Some(amount)][rng.random_range(0..3)]
+    };
+    let mut amounts = vec![first];
+    if copies == 2 {
+        amounts.push(if rng.random_bool(0.75) {
+            first
+        } else if partial {
+            None
+        } else {
+            Some(rng.random_range(1..=amount))
+        });
+    }
+    amounts
+}
+
+/// What a kill hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Service,
+    /// A Restate node (index; the only one on a single server).
+    Node(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Kill {
+    pub at: Duration,
+    pub target: Target,
+    /// How long it stays down before it is started again.
+    pub down_for: Duration,
+}
+
+/// The kills of a run, in time order: the service every 1-2 s, and `server_kills` Restate
+/// kills spread over the window (on a cluster each node before any twice, never one node
+/// twice in a row).
+pub fn kills(p: &Params) -> Vec<Kill> {
+    let mut rng = StdRng::seed_from_u64(p.seed ^ 0xc2b2_ae3d_27d4_eb4f);
+    let secs = p.duration.as_secs_f64();
+    let mut kills = Vec::new();
+    let mut at = rng.random_range(1.0..2.0);
+    while at < secs {
+        kills.push(Kill {
+            at: Duration::from_secs_f64(at),
+            target: Target::Service,
+            down_for: Duration::from_millis(rng.random_range(0..300)),
+        });
+        at += rng.random_range(1.0..2.0);
+    }
+    if kills.is_empty() {
+        kills.push(Kill {
+            at: p.duration.mul_f64(0.5),
+            target: Target::Service,
+            down_for: Duration::ZERO,
+        });
+    }
+    // No draw from the RNG on one node: a seed replays the same single-server schedule.
+    let mut order: Vec<usize> = (0..p.nodes).collect();
+    if p.cluster() {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.random_range(0..=i));
+        }
+    }
+    let n = p.server_kills;
+    for k in 0..n {
+        // Spread over the window, off the service kills' beat.
+        let centre = secs * (k as f64 + 1.0) / (n as f64 + 1.0);
+        let at = (centre + rng.random_range(-0.4..0.4)).clamp(0.5, secs.max(0.5));
+        // A node stays down long enough for the others to take over its partitions.
+        let down_ms = if p.cluster() {
+            rng.random_range(500..3000)
+        } else {
+            rng.random_range(0..1000)
+        };
+        kills.push(Kill {
+            at: Duration::from_secs_f64(at),
+            target: Target::Node(order[k % order.len()]),
+            down_for: Duration::from_millis(down_ms),
+        });
+    }
+    kills.sort_by_key(|k| k.at);
+    kills
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_plan() {
+        let p = Params::new(true, 1, 42);
+        assert_eq!(payments(&p), payments(&p));
+        assert_eq!(kills(&p), kills(&p));
+        assert_ne!(payments(&p), payments(&Params::new(true, 1, 43)));
+    }
+
+    #[test]
+    fn the_payments_of_a_seed_are_the_same_on_one_node_and_on_three() {
+        let one = Params::new(true, 1, 7);
+        // Start times scale with the window, which is longer by default on a cluster.
+        let three = Params {
+            duration: one.duration,
+            ..Params::new(true, 3, 7)
+        };
+        let strip = |mut plans: Vec<PaymentPlan>| {
+            plans.iter_mut().for_each(|p| p.ingresses.clear());
+            plans
+        };
+        assert!(strip(payments(&one)) == strip(payments(&three)));
+        assert!(
+            payments(&one)
+                .iter()
+                .all(|p| p.ingresses.iter().all(|&i| i == 0))
+        );
+    }
+
+    #[test]
+    fn cluster_kills_take_each_node_before_any_twice() {
+        for seed in 0..50 {
+            let p = Params {
+                server_kills: 6,
+                ..Params::new(true, 3, seed)
+            };
+            let nodes: Vec<usize> = kills(&p)
+                .iter()
+                .filter_map(|k| match k.target {
+                    Target::Node(i) => Some(i),
+                    Target::Service => None,
+                })
+                .collect();
+            assert_eq!(nodes.len(), 6);
+            let first: BTreeSet<usize> = nodes[..3].iter().copied().collect();
+            assert_eq!(first.len(), 3, "seed {seed}: {nodes:?}");
+            assert!(
+                nodes.windows(2).all(|w| w[0] != w[1]),
+                "seed {seed}: {nodes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_service_is_killed_through_the_whole_window() {
+        let p = Params::new(false, 1, 3);
+        let service: Vec<Duration> = kills(&p)
+            .iter()
+            .filter(|k| k.target == Target::Service)
+            .map(|k| k.at)
+            .collect();
+        assert!(service.len() >= 3, "{service:?}");
+        assert!(
+            service
+                .windows(2)
+                .all(|w| w[1] - w[0] <= Duration::from_secs(2))
+        );
+    }
+}
