@@ -185,8 +185,11 @@ impl StackBuilder {
                 Err(e) => {
                     eprintln!("testkit: stack start attempt {attempt} failed: {e:#}");
                     stack.stop();
-                    let _ = std::fs::remove_dir_all(dir.join("restate-data"));
-                    let _ = std::fs::remove_file(&stack.ledger);
+                    // A folder of our own starts again empty; a given one keeps its data.
+                    if self.dir.is_none() {
+                        let _ = std::fs::remove_dir_all(dir.join("restate-data"));
+                        let _ = std::fs::remove_file(&stack.ledger);
+                    }
                     last = Some(e);
                 }
             }
@@ -604,6 +607,18 @@ impl Stack {
     pub fn kill_node_unchecked(&self, i: usize) -> bool {
         self.ready[i].store(false, Ordering::SeqCst);
         self.nodes[i].proc.kill()
+    }
+
+    /// Stops node `i` gracefully (SIGTERM, SIGKILL after a grace period); `false` if it was
+    /// not running.
+    pub fn stop_node(&self, i: usize) -> bool {
+        self.ready[i].store(false, Ordering::SeqCst);
+        self.nodes[i].proc.stop(GRACE)
+    }
+
+    /// Stops the service gracefully; `false` if it was not running.
+    pub fn stop_service(&self) -> bool {
+        self.service.proc.stop(GRACE)
     }
 
     /// Starts node `i` again (it must be down) on its ports and data; returns once it serves.

@@ -41,8 +41,12 @@ use crate::stack::Stack;
 #[derive(Debug, Clone, clap::Args)]
 pub struct CrashArgs {
     /// The full run: 240 payments, 20 s of kills, 2 server kills (cluster: 30 s, 3 node kills).
-    #[arg(long)]
+    #[arg(long, overrides_with = "small")]
     pub full: bool,
+    /// The small run (the default; CI's): 60 payments, 8 s of kills, 1 server kill (cluster:
+    /// 40 payments, 1 node kill). The last of `--full` and `--small` wins.
+    #[arg(long, overrides_with = "full")]
+    pub small: bool,
     /// On a three-node Restate cluster (replication 2): load across the three ingresses,
     /// SIGKILL + restart of one node at a time.
     #[arg(long)]
@@ -76,7 +80,11 @@ impl CrashArgs {
     /// The run's parameters: the defaults of its size, with the options given.
     pub fn params(&self) -> Params {
         let seed = self.seed.unwrap_or_else(rand::random);
-        let mut p = Params::new(self.full, if self.cluster { 3 } else { 1 }, seed);
+        let mut p = Params::new(
+            self.full && !self.small,
+            if self.cluster { 3 } else { 1 },
+            seed,
+        );
         if let Some(n) = self.payments {
             p.payments = n.max(1);
         }
@@ -99,7 +107,7 @@ impl CrashArgs {
     /// The command that replays this run.
     pub fn replay_command(&self, seed: u64) -> String {
         let mut cmd = String::from("scripts/crash-test.sh");
-        if !self.full {
+        if !self.full || self.small {
             cmd.push_str(" --small");
         }
         if self.cluster {
