@@ -186,14 +186,14 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     };
     let answer = ask(&socket, &command)?;
     print!("{}", answer.strip_prefix("ok\n").unwrap_or(&answer));
-    if command == "status" {
-        if let Some(addresses) = answer.lines().find_map(|l| l.strip_prefix("restatectl ")) {
-            println!();
-            let status = std::process::Command::new(paths::restatectl()?)
-                .args(["--address", addresses, "status"])
-                .status()?;
-            anyhow::ensure!(status.success(), "restatectl status failed");
-        }
+    if command == "status"
+        && let Some(addresses) = answer.lines().find_map(|l| l.strip_prefix("restatectl "))
+    {
+        println!();
+        let status = std::process::Command::new(paths::restatectl()?)
+            .args(["--address", addresses, "status"])
+            .status()?;
+        anyhow::ensure!(status.success(), "restatectl status failed");
     }
     if answer.starts_with("error") {
         std::process::exit(1);
