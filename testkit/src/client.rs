@@ -157,14 +157,7 @@ impl PaymentClient {
     pub fn with_up_flags(ingresses: Vec<String>, up: Arc<Vec<AtomicBool>>) -> Self {
         let n = ingresses.len();
         Self {
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(ATTEMPT_TIMEOUT)
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .pool_max_idle_per_host(256)
-                .build()
-                .expect("an HTTP client"),
+            http: http_client(ATTEMPT_TIMEOUT),
             ingresses: Arc::new(ingresses),
             up,
             deadline: Arc::new(Mutex::new(None)),
@@ -178,14 +171,7 @@ impl PaymentClient {
 
     /// This client with another per-attempt timeout (and its own HTTP connection pool).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(256)
-            .build()
-            .expect("an HTTP client");
+        self.http = http_client(timeout);
         self
     }
 
@@ -348,6 +334,17 @@ impl PaymentClient {
             .find(|&i| self.up[i].load(Ordering::SeqCst))
             .unwrap_or((at + 1) % n)
     }
+}
+
+fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("an HTTP client")
 }
 
 /// A payment ID as a URL path segment.

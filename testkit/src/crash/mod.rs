@@ -72,7 +72,7 @@ pub struct CrashArgs {
     #[arg(long)]
     pub keep: bool,
     /// Fault injection: the gateway's key check off. The run must then fail.
-    #[arg(long, env = "GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS")]
+    #[arg(long, env = "GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS", value_parser = clap::builder::BoolishValueParser::new())]
     pub ignore_keys: bool,
 }
 
