@@ -17,7 +17,8 @@
 //! | [`telemetry`] | `tracing` setup, replay-aware                                                |
 //!
 //! `src/main.rs` only wires these together. Integration tests in `tests/` start a real
-//! `restate-server` and the service binary (`tests/common/` is the shared harness).
+//! `restate-server` and the service binary through the workspace's harness crate, `testkit/`
+//! (also the crash test, the benchmark and `stackctl`).
 
 pub mod config;
 pub mod gateway;
