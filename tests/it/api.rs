@@ -1,139 +1,99 @@
 //! Beyond the seed: Restate's `idempotency-key` header, the published schemas, and a fuzz run
 //! of malformed and edge-case requests.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Barrier, Mutex};
-use std::time::Duration;
 
-use common::{TestApp, sql_str, stack, unique_id};
+use bytes::Bytes;
+use payment_service::payment::{CreatePaymentBody, Payment, PaymentResult, PaymentStatus, Refund};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use reqwest::blocking::Client;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use testkit::admin::{Invocation, sql_str};
+use testkit::client::{CREATE, GET, REFUND};
+use testkit::ledger::LedgerOp;
 
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
+use crate::helpers::{TestApp, refund_body, spawn_app, unique_id};
 
-/// `POST /PaymentService/<key>/<handler>` with a raw key (already URL-encoded), optional body
-/// bytes and extra headers; returns the status and the body parsed as JSON when it is JSON.
-fn post(
+/// `handler` of payment `id` with an `idempotency-key` header; the 200 answer.
+#[track_caller]
+fn call_with_key<T: DeserializeOwned>(
     app: &TestApp,
-    key: &str,
+    id: &str,
     handler: &str,
-    body: Option<Vec<u8>>,
-    headers: &[(&str, &str)],
-) -> (u16, Value) {
-    let url = format!("{}/PaymentService/{key}/{handler}", app.ingress);
-    let mut request = client().post(&url);
-    if let Some(body) = body {
-        request = request
-            .header("content-type", "application/json")
-            .body(body);
-    }
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request.send().unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    let status = response.status().as_u16();
-    let text = response.text().unwrap_or_default();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, body)
-}
-
-fn json_bytes(value: &Value) -> Option<Vec<u8>> {
-    Some(value.to_string().into_bytes())
+    body: &impl Serialize,
+    key: &str,
+) -> T {
+    let body = Bytes::from(serde_json::to_vec(body).expect("a JSON body"));
+    let (status, answer) = app.call_raw(id, handler, Some(body), &[("idempotency-key", key)]);
+    assert_eq!(status, 200, "{handler} {id} with key {key}: {answer}");
+    serde_json::from_value(answer.clone())
+        .unwrap_or_else(|e| panic!("{handler} {id}: not the answer type ({e}): {answer}"))
 }
 
 /// Invocations of one payment that carried the given idempotency key.
-fn invocations_with_key(app: &TestApp, payment_id: &str, key: &str) -> Vec<Value> {
-    app.query(&format!(
-        "SELECT id, status, target_handler_name FROM sys_invocation \
-         WHERE target_service_name = 'PaymentService' AND target_service_key = {} \
-         AND idempotency_key = {}",
-        sql_str(payment_id),
-        sql_str(key)
-    ))
+fn invocations_with_key(app: &TestApp, payment_id: &str, key: &str) -> Vec<Invocation> {
+    app.admin()
+        .invocations(&format!(
+            "target_service_key = {} AND idempotency_key = {}",
+            sql_str(payment_id),
+            sql_str(key)
+        ))
+        .expect("querying sys_invocation")
 }
 
 #[test]
 fn idempotency_key_replays_the_first_answer_of_create_and_refund() {
-    let app = stack();
+    let app = spawn_app();
     let id = unique_id("idem-key");
-    let body =
-        json!({"amount": 7000, "currency": "USD", "description": "Key", "customerId": "cust-kim"});
-    let key = [("idempotency-key", "create-7000-kim")];
+    let body = CreatePaymentBody {
+        description: Some("Key".into()),
+        ..CreatePaymentBody::new(7000, "cust-kim")
+    };
 
-    let first = post(app, &id, "CreatePayment", json_bytes(&body), &key);
-    assert_eq!(first.0, 200, "{}", first.1);
-    assert_eq!(first.1["message"], "Payment processed successfully");
+    let first: PaymentResult = call_with_key(app, &id, CREATE, &body, "create-7000-kim");
+    assert_eq!(first.message, "Payment processed successfully", "{first:?}");
     // The same key: Restate answers the first invocation's response, it does not run again
     // (a new run would answer "Payment already processed").
-    let replayed = post(app, &id, "CreatePayment", json_bytes(&body), &key);
+    let replayed: PaymentResult = call_with_key(app, &id, CREATE, &body, "create-7000-kim");
     assert_eq!(replayed, first);
     // Another key is another invocation: the handler's state check answers it.
-    let other = post(
-        app,
-        &id,
-        "CreatePayment",
-        json_bytes(&body),
-        &[("idempotency-key", "another")],
-    );
-    assert_eq!(other.0, 200, "{}", other.1);
-    assert_eq!(other.1["message"], "Payment already processed");
-    assert_eq!(other.1["chargeId"], first.1["chargeId"]);
+    let other: PaymentResult = call_with_key(app, &id, CREATE, &body, "another");
+    assert_eq!(other.message, "Payment already processed", "{other:?}");
+    assert_eq!(other.charge_id, first.charge_id, "{other:?}");
     assert_eq!(invocations_with_key(app, &id, "create-7000-kim").len(), 1);
 
-    let refund_key = [("idempotency-key", "refund-once")];
-    let refund = post(
-        app,
-        &id,
-        "RefundPayment",
-        json_bytes(&json!({"reason": "r", "amount": 1000})),
-        &refund_key,
-    );
-    assert_eq!(refund.0, 200, "{}", refund.1);
-    let again = post(
-        app,
-        &id,
-        "RefundPayment",
-        json_bytes(&json!({"reason": "r", "amount": 1000})),
-        &refund_key,
-    );
-    assert_eq!(again, refund);
+    let refund = refund_body("r", Some(1000));
+    let refunded: Refund = call_with_key(app, &id, REFUND, &refund, "refund-once");
+    let again: Refund = call_with_key(app, &id, REFUND, &refund, "refund-once");
+    assert_eq!(again, refunded);
     assert_eq!(invocations_with_key(app, &id, "refund-once").len(), 1);
 
-    if let Some(entries) = app.ledger_entries(&id) {
-        let charges = entries.iter().filter(|e| e.op == "charge").count();
-        let refunds = entries.iter().filter(|e| e.op == "refund").count();
-        assert_eq!((charges, refunds), (1, 1), "{entries:#?}");
+    if let Some(entries) = app.ledger(&id) {
+        let count = |op| entries.iter().filter(|e| e.op == op).count();
+        assert_eq!(
+            (count(LedgerOp::Charge), count(LedgerOp::Refund)),
+            (1, 1),
+            "{entries:#?}"
+        );
     }
 }
 
 #[test]
 fn requests_with_one_key_in_flight_together_run_once() {
     const CALLERS: usize = 4;
-    let app = stack();
+    let app = spawn_app();
     let id = unique_id("idem-inflight");
-    let body = json!({"amount": 3100, "currency": "USD", "customerId": "cust-lee"});
+    let body = CreatePaymentBody::new(3100, "cust-lee");
     let barrier = Barrier::new(CALLERS);
-    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+    let answers: Vec<PaymentResult> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..CALLERS)
             .map(|_| {
                 s.spawn(|| {
                     barrier.wait();
-                    post(
-                        app,
-                        &id,
-                        "CreatePayment",
-                        json_bytes(&body),
-                        &[("idempotency-key", "inflight")],
-                    )
+                    call_with_key(app, &id, CREATE, &body, "inflight")
                 })
             })
             .collect();
@@ -142,25 +102,27 @@ fn requests_with_one_key_in_flight_together_run_once() {
     // Every caller got the one invocation's answer: had any run on its own after the first,
     // it would have answered "Payment already processed".
     for answer in &answers {
-        assert_eq!(answer.0, 200, "{answers:?}");
-        assert_eq!(answer.1, answers[0].1, "{answers:?}");
-        assert_eq!(answer.1["message"], "Payment processed successfully");
+        assert_eq!(answer, &answers[0], "{answers:#?}");
+        assert_eq!(
+            answer.message, "Payment processed successfully",
+            "{answers:#?}"
+        );
     }
     assert_eq!(invocations_with_key(app, &id, "inflight").len(), 1);
-    if let Some(entries) = app.ledger_entries(&id) {
+    if let Some(entries) = app.ledger(&id) {
         assert_eq!(entries.len(), 1, "{entries:#?}");
     }
 }
 
 #[test]
 fn openapi_describes_every_field() {
-    let app = stack();
-    let url = format!("{}/services/PaymentService/openapi", app.admin);
-    let response = client().get(&url).send().unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let spec: Value = response.json().unwrap();
-    let text = spec.to_string();
-    for handler in ["CreatePayment", "GetPayment", "RefundPayment"] {
+    let app = spawn_app();
+    let text = app
+        .admin()
+        .openapi()
+        .expect("the OpenAPI document")
+        .to_string();
+    for handler in [CREATE, GET, REFUND] {
         assert!(
             text.contains(&format!("/PaymentService/{{key}}/{handler}")),
             "{handler} missing: {text}"
@@ -273,7 +235,7 @@ fn create_body(rng: &mut StdRng) -> Value {
     Value::Object(body)
 }
 
-fn refund_body(rng: &mut StdRng) -> Value {
+fn refund_fuzz_body(rng: &mut StdRng) -> Value {
     let mut body = serde_json::Map::new();
     if rng.random_bool(0.7) {
         let amount = if rng.random_bool(0.5) {
@@ -290,8 +252,8 @@ fn refund_body(rng: &mut StdRng) -> Value {
 }
 
 /// A body that is not the expected JSON object at all.
-fn raw_body(rng: &mut StdRng) -> Option<Vec<u8>> {
-    let bodies: [&[u8]; 10] = [
+fn raw_body(rng: &mut StdRng) -> Option<Bytes> {
+    let bodies: [&'static [u8]; 10] = [
         b"",
         b"{",
         b"[]",
@@ -304,9 +266,59 @@ fn raw_body(rng: &mut StdRng) -> Option<Vec<u8>> {
         b"{\"amount\": 100} trailing",
     ];
     match rng.random_range(0..12) {
-        10 => Some(format!("{}{}", "[".repeat(2000), "]".repeat(2000)).into_bytes()),
-        11 => Some(format!("{{\"description\": \"{}\"}}", "y".repeat(200_000)).into_bytes()),
-        i => Some(bodies[i].to_vec()),
+        10 => Some(format!("{}{}", "[".repeat(2000), "]".repeat(2000)).into()),
+        11 => Some(format!("{{\"description\": \"{}\"}}", "y".repeat(200_000)).into()),
+        i => Some(Bytes::from_static(bodies[i])),
+    }
+}
+
+fn json_bytes(value: &Value) -> Option<Bytes> {
+    Some(value.to_string().into())
+}
+
+/// A URL path segment decoded: the payment ID the service sees (and names in its 404).
+fn percent_decode(key: &str) -> String {
+    let bytes = key.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `Some(why)` if a 200 answer of `handler` is not a correct one.
+fn wrong_200(handler: &str, answer: &Value) -> Option<&'static str> {
+    let parsed = |answer: &Value| serde_json::from_value::<PaymentResult>(answer.clone());
+    match handler {
+        CREATE => match parsed(answer) {
+            // A new payment settles completed or failed; a retry of a refunded one answers
+            // it as it is.
+            Ok(paid) => match paid.status {
+                PaymentStatus::Completed | PaymentStatus::Failed => None,
+                PaymentStatus::Refunded if paid.message == "Payment already processed" => None,
+                _ => Some("200 without a settled payment"),
+            },
+            Err(_) => Some("200 without a payment result"),
+        },
+        REFUND => serde_json::from_value::<Refund>(answer.clone())
+            .err()
+            .map(|_| "200 without a refund"),
+        _ => serde_json::from_value::<Payment>(answer.clone())
+            .err()
+            .map(|_| "200 without a payment"),
     }
 }
 
@@ -315,7 +327,7 @@ fn raw_body(rng: &mut StdRng) -> Option<Vec<u8>> {
 /// left running. The seed is printed; `FUZZ_SEED=<n>` replays a run.
 #[test]
 fn fuzzed_requests_answer_4xx_or_a_correct_200_and_change_nothing_when_refused() {
-    let app = stack();
+    let app = spawn_app();
     let seed: u64 = std::env::var("FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -328,9 +340,9 @@ fn fuzzed_requests_answer_4xx_or_a_correct_200_and_change_nothing_when_refused()
     for id in &stored {
         app.completed_payment(id, 10000);
     }
-    let before: HashMap<String, Value> = stored
+    let before: HashMap<String, Payment> = stored
         .iter()
-        .map(|id| (id.clone(), app.get_payment(id).1))
+        .map(|id| (id.clone(), app.payment(id)))
         .collect();
 
     // Keys as they go into the URL (percent-encoded where odd); all start with the run's ID
@@ -369,63 +381,45 @@ fn fuzzed_requests_answer_4xx_or_a_correct_200_and_change_nothing_when_refused()
                         pick(&mut rng, keys).clone()
                     };
                     let (handler, body) = match rng.random_range(0..10) {
-                        0..=3 => ("CreatePayment", json_bytes(&create_body(&mut rng))),
-                        4..=6 => ("RefundPayment", json_bytes(&refund_body(&mut rng))),
-                        7 => ("GetPayment", json_bytes(&odd_value(&mut rng))),
-                        8 => (
-                            *pick(&mut rng, &["CreatePayment", "RefundPayment"]),
-                            raw_body(&mut rng),
-                        ),
-                        _ => (
-                            *pick(&mut rng, &["CreatePayment", "RefundPayment", "GetPayment"]),
-                            None,
-                        ),
+                        0..=3 => (CREATE, json_bytes(&create_body(&mut rng))),
+                        4..=6 => (REFUND, json_bytes(&refund_fuzz_body(&mut rng))),
+                        7 => (GET, json_bytes(&odd_value(&mut rng))),
+                        8 => (*pick(&mut rng, &[CREATE, REFUND]), raw_body(&mut rng)),
+                        _ => (*pick(&mut rng, &[CREATE, REFUND, GET]), None),
                     };
-                    let (status, answer) = post(app, &key, handler, body, &[]);
-                    *answered.lock().unwrap().entry(status).or_default() += 1;
-                    let fail = |why: &str| {
+                    let fail = |why: String| {
                         failures
                             .lock()
                             .unwrap()
-                            .push(format!("{handler} {key}: {why}: {status} {answer}"))
+                            .push(format!("{handler} {key}: {why}"))
                     };
-                    match status {
-                        200 => match handler {
-                            "CreatePayment" => {
-                                // A new payment settles completed or failed; a retry of a
-                                // refunded one answers it as it is.
-                                let settled = match answer["status"].as_str() {
-                                    Some("completed" | "failed") => true,
-                                    Some("refunded") => {
-                                        answer["message"] == "Payment already processed"
-                                    }
-                                    _ => false,
-                                };
-                                if !settled || !answer["message"].is_string() {
-                                    fail("200 without a settled payment");
-                                }
+                    let (status, answer) =
+                        match app.call_raw_key(&key, &percent_decode(&key), handler, body) {
+                            Ok(answer) => answer,
+                            Err(e) => {
+                                fail(format!("neither 200 nor 4xx: {e}"));
+                                continue;
                             }
-                            "RefundPayment" => {
-                                if !answer["refundId"].is_string() {
-                                    fail("200 without a refund");
-                                }
+                        };
+                    *answered.lock().unwrap().entry(status).or_default() += 1;
+                    match status {
+                        200 => {
+                            if let Some(why) = wrong_200(handler, &answer) {
+                                fail(format!("{why}: {answer}"));
+                            }
+                            if handler == REFUND {
                                 accepted_refunds.lock().unwrap().push(key.clone());
                             }
-                            _ => {
-                                if !answer["paymentId"].is_string() {
-                                    fail("200 without a payment");
-                                }
-                            }
-                        },
+                        }
                         400..=499 => {
                             let has_message =
                                 answer["message"].as_str().is_some_and(|m| !m.is_empty())
                                     || answer.as_str().is_some_and(|m| !m.is_empty());
                             if !has_message {
-                                fail("4xx without a message");
+                                fail(format!("4xx without a message: {status} {answer}"));
                             }
                         }
-                        _ => fail("neither 200 nor 4xx"),
+                        _ => fail(format!("neither 200 nor 4xx: {status} {answer}")),
                     }
                 }
             });
@@ -433,7 +427,6 @@ fn fuzzed_requests_answer_4xx_or_a_correct_200_and_change_nothing_when_refused()
     });
     let answered = answered.into_inner().unwrap();
     eprintln!("fuzz: answers by status {answered:?}");
-    assert!(answered.values().sum::<usize>() >= 1000);
     let failures = failures.into_inner().unwrap();
     assert!(
         failures.is_empty(),
@@ -441,25 +434,29 @@ fn fuzzed_requests_answer_4xx_or_a_correct_200_and_change_nothing_when_refused()
         failures.len(),
         &failures[..failures.len().min(10)]
     );
+    assert!(answered.values().sum::<usize>() >= 1000);
 
     // A stored payment changes only by an accepted refund, and then only its status.
     let refunded = accepted_refunds.into_inner().unwrap();
     for id in &stored {
-        let (status, now) = app.get_payment(id);
-        assert_eq!(status, 200, "{now}");
         let mut expected = before[id].clone();
         if refunded.contains(id) {
-            expected["status"] = json!("refunded");
+            expected.status = PaymentStatus::Refunded;
         }
-        assert_eq!(now, expected, "payment {id} changed by a refused request");
+        assert_eq!(
+            app.payment(id),
+            expected,
+            "payment {id} changed by a refused request"
+        );
     }
 
     // Nothing left running or retrying.
-    let unfinished = app.query(&format!(
-        "SELECT target_service_key, target_handler_name, status, retry_count FROM sys_invocation \
-         WHERE target_service_name = 'PaymentService' AND target_service_key LIKE {} \
-         AND status <> 'completed'",
-        sql_str(&format!("{run}%"))
-    ));
+    let unfinished = app
+        .admin()
+        .invocations(&format!(
+            "target_service_key LIKE {} AND status <> 'completed'",
+            sql_str(&format!("{run}%"))
+        ))
+        .expect("querying sys_invocation");
     assert!(unfinished.is_empty(), "left unfinished: {unfinished:#?}");
 }

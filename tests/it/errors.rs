@@ -1,51 +1,58 @@
-//! Declines and every error answer (404 / 400 / 409): each is a terminal
-//! error with a message, and leaves no invocation pending or retrying.
+//! Declines and every error answer (404 / 400 / 409): each is a terminal error with a message,
+//! and leaves no invocation pending or retrying.
 
-mod common;
-
-use common::{assert_absent, assert_all_settled, assert_error, stack, unique_id};
+use bytes::Bytes;
+use payment_service::payment::{
+    CreatePaymentBody, PaymentResult, PaymentStatus, Refund, RefundStatus,
+};
 use serde_json::json;
+use testkit::client::{CREATE, GET, REFUND};
+use testkit::ledger::{LedgerOp, LedgerOutcome};
 
-/// A valid CreatePayment body.
-fn valid() -> serde_json::Value {
-    json!({"amount": 10000, "currency": "USD", "description": "Premium subscription", "customerId": "cust-alice"})
-}
+use crate::helpers::{
+    assert_error, assert_refused, assert_utc, ok, refund_body, seed_payment, spawn_app, state_of,
+    unique_id,
+};
 
 #[test]
 fn declined_payment_fails_and_stays_failed() {
-    let app = stack();
+    let app = spawn_app();
     let id = unique_id("declined");
     let customer = unique_id("decline-cust");
-    let body = json!({"amount": 5000, "currency": "USD", "description": "Declined", "customerId": customer});
+    let body = CreatePaymentBody {
+        description: Some("Declined".into()),
+        ..CreatePaymentBody::new(5000, customer.clone())
+    };
 
-    let (status, first) = app.create_payment(&id, &body);
-    assert_eq!(status, 200, "a decline is an answer, not an error: {first}");
-    assert_eq!(first["paymentId"], id.as_str(), "{first}");
-    assert_eq!(first["status"], "failed", "{first}");
-    assert_eq!(first["message"], "insufficient funds", "{first}");
-    assert_absent(&first, "chargeId");
+    let first = ok(
+        "a decline is an answer, not an error",
+        app.create_payment(&id, &body),
+    );
+    let declined = PaymentResult {
+        payment_id: id.clone(),
+        status: PaymentStatus::Failed,
+        charge_id: None,
+        message: "insufficient funds".into(),
+    };
+    assert_eq!(first, declined);
 
     // Retrying does not charge again and stays failed.
-    let (status, retry) = app.create_payment(&id, &body);
-    assert_eq!(status, 200, "{retry}");
-    assert_eq!(retry["paymentId"], id.as_str(), "{retry}");
-    assert_eq!(retry["status"], "failed", "{retry}");
-    assert_absent(&retry, "chargeId");
+    let retry = ok("retry", app.create_payment(&id, &body));
+    assert_eq!(retry.payment_id, id, "{retry:?}");
+    assert_eq!(retry.status, PaymentStatus::Failed, "{retry:?}");
+    assert_eq!(retry.charge_id, None, "{retry:?}");
 
-    let (status, payment) = app.get_payment(&id);
-    assert_eq!(status, 200, "{payment}");
-    assert_eq!(payment["status"], "failed", "{payment}");
-    assert_eq!(payment["customerId"], customer.as_str(), "{payment}");
-    assert_absent(&payment, "chargeId");
-    let error = payment["errorMsg"]
-        .as_str()
-        .unwrap_or_else(|| panic!("a failed payment needs errorMsg: {payment}"));
-    assert!(error.contains("insufficient funds"), "{payment}");
-    common::assert_utc_timestamp(&payment, "createdAt");
+    let payment = app.payment(&id);
+    assert_eq!(payment.status, PaymentStatus::Failed, "{payment:?}");
+    assert_eq!(payment.customer_id, customer, "{payment:?}");
+    assert_eq!(payment.charge_id, None, "{payment:?}");
+    let error = payment.error_msg.as_deref().unwrap_or_default();
+    assert!(error.contains("insufficient funds"), "{payment:?}");
+    assert_utc("createdAt", payment.created_at.expect("createdAt"));
 
-    let message = assert_error(
+    let message = assert_refused(
         "refund of a failed payment",
-        &app.refund(&id, &json!({"reason": "Customer request"})),
+        app.refund(&id, &refund_body("Customer request", None)),
         409,
     );
     assert!(
@@ -53,73 +60,78 @@ fn declined_payment_fails_and_stays_failed() {
         "409 must name the status: {message:?}"
     );
     assert_eq!(
-        app.get_payment(&id).1["status"],
-        "failed",
+        app.payment(&id).status,
+        PaymentStatus::Failed,
         "the refund attempt changed it"
     );
 
-    if let Some(entries) = app.ledger_entries(&id) {
+    if let Some(entries) = app.ledger(&id) {
         assert_eq!(
             entries.len(),
             1,
             "one gateway call, no refund: {entries:#?}"
         );
         let charge = &entries[0];
-        assert_eq!(charge.op, "charge", "{charge:?}");
-        assert_eq!(charge.outcome, "declined", "{charge:?}");
+        assert_eq!(charge.op, LedgerOp::Charge, "{charge:?}");
+        assert_eq!(charge.outcome, LedgerOutcome::Declined, "{charge:?}");
         assert_eq!(charge.amount, 5000, "{charge:?}");
         assert!(!charge.replay, "{charge:?}");
-        assert_eq!(charge.id, None, "a declined charge has no id: {charge:?}");
+        assert_eq!(charge.id, None, "a declined charge has no ID: {charge:?}");
     }
-    assert_all_settled(app, &[id]);
+    app.assert_all_settled(&[id]);
 }
 
 #[test]
 fn unknown_payments_are_not_found() {
-    let app = stack();
+    let app = spawn_app();
+    let no_state = |id: &str| {
+        app.admin()
+            .state(id)
+            .expect("querying the state")
+            .is_empty()
+    };
     let mut ids = Vec::new();
 
     let id = unique_id("missing-get");
-    let message = assert_error(
+    assert_refused(
         "GetPayment {} of an unknown payment",
-        &app.get_payment(&id),
+        app.get_payment(&id),
         404,
     );
-    assert!(!message.is_empty());
     assert_error(
         "GetPayment (no body) of an unknown payment",
-        &app.get_payment_no_body(&id),
+        &app.call_raw(&id, GET, None, &[]),
         404,
     );
-    assert!(app.state(&id).is_empty(), "GetPayment created state");
+    assert!(no_state(&id), "GetPayment created state");
     ids.push(id);
 
     let id = unique_id("missing-refund");
-    assert_error(
+    assert_refused(
         "RefundPayment of an unknown payment",
-        &app.refund(&id, &json!({"reason": "Customer request", "amount": 100})),
+        app.refund(&id, &refund_body("Customer request", Some(100))),
         404,
     );
-    assert_error(
+    assert_refused(
         "RefundPayment (no amount) of an unknown payment",
-        &app.refund(&id, &json!({"reason": "Customer request"})),
+        app.call::<Refund>(&id, REFUND, &json!({"reason": "Customer request"})),
         404,
     );
-    assert!(app.state(&id).is_empty(), "RefundPayment created state");
-    assert_error(
+    assert!(no_state(&id), "RefundPayment created state");
+    assert_refused(
         "GetPayment after the refund attempt",
-        &app.get_payment(&id),
+        app.get_payment(&id),
         404,
     );
     ids.push(id);
 
-    assert_all_settled(app, &ids);
+    app.assert_all_settled(&ids);
 }
 
 #[test]
 fn invalid_create_requests_are_rejected_terminally() {
-    let app = stack();
-    let cases: &[(&str, Option<&str>)] = &[
+    let app = spawn_app();
+    let cases: &[(&str, Option<&'static str>)] = &[
         (
             "amount missing",
             Some(r#"{"currency":"USD","description":"d","customerId":"c"}"#),
@@ -183,40 +195,43 @@ fn invalid_create_requests_are_rejected_terminally() {
     let mut ids = Vec::new();
     for (case, body) in cases {
         let id = unique_id("bad-create");
-        let got = app.call_raw(&id, "CreatePayment", body.map(str::to_owned));
+        let got = app.call_raw(
+            &id,
+            CREATE,
+            body.map(|b| Bytes::from_static(b.as_bytes())),
+            &[],
+        );
         assert_error(case, &got, 400);
-        let (status, after) = app.get_payment(&id);
-        assert_eq!(
-            status, 404,
-            "{case}: a rejected CreatePayment stored a payment: {after}"
+        assert_refused(
+            &format!("{case}: a rejected CreatePayment stored a payment"),
+            app.get_payment(&id),
+            404,
         );
         ids.push(id);
     }
 
     // Rejected right away, and nothing left pending, backing off or paused.
-    let invocations = assert_all_settled(app, &ids);
-    let failed_creates = invocations
+    let invocations = app.assert_all_settled(&ids);
+    let failed_creates: Vec<_> = invocations
         .iter()
-        .filter(|i| i.target_handler_name == "CreatePayment")
-        .collect::<Vec<_>>();
+        .filter(|i| i.target_handler_name == CREATE)
+        .collect();
     for inv in &failed_creates {
         assert_eq!(inv.completion_result.as_deref(), Some("failure"), "{inv:?}");
         let failure = inv.completion_failure.as_deref().unwrap_or_default();
         assert!(failure.starts_with("[400]"), "{inv:?}");
     }
-    // At most the two body-less cases may have been refused by the ingress
-    // before any invocation existed.
+    // At most the two body-less cases may have been refused by the ingress before any
+    // invocation existed.
     assert!(
         failed_creates.len() + 2 >= cases.len(),
         "expected an invocation per rejected request: {invocations:#?}"
     );
-    if let Some(path) = &app.ledger {
-        for id in &ids {
-            let entries = app.ledger_entries(id).unwrap_or_default();
+    for id in &ids {
+        if let Some(entries) = app.ledger(id) {
             assert!(
                 entries.is_empty(),
-                "{id}: the gateway was called for a bad request ({}): {entries:#?}",
-                path.display()
+                "{id}: the gateway was called for a bad request: {entries:#?}"
             );
         }
     }
@@ -224,11 +239,11 @@ fn invalid_create_requests_are_rejected_terminally() {
 
 #[test]
 fn invalid_refund_requests_are_rejected_terminally() {
-    let app = stack();
+    let app = spawn_app();
     let id = unique_id("bad-refund");
     let created = app.completed_payment(&id, 10000);
 
-    let cases: &[(&str, &str)] = &[
+    let cases: &[(&str, &'static str)] = &[
         ("refund amount negative", r#"{"reason":"r","amount":-1}"#),
         (
             "refund amount above the payment",
@@ -246,68 +261,62 @@ fn invalid_refund_requests_are_rejected_terminally() {
         ("refund malformed JSON", r#"{"reason": "r", "amount": "#),
     ];
     for (case, body) in cases {
-        let got = app.call_raw(&id, "RefundPayment", Some((*body).to_owned()));
+        let got = app.call_raw(&id, REFUND, Some(Bytes::from_static(body.as_bytes())), &[]);
         assert_error(case, &got, 400);
     }
 
-    // The bad requests changed nothing: still completed, no refund at the
-    // gateway, and a valid refund still works.
-    let (_, payment) = app.get_payment(&id);
-    assert_eq!(payment["status"], "completed", "{payment}");
-    assert_eq!(payment["chargeId"], created["chargeId"], "{payment}");
-    assert!(
-        !app.state(&id).contains_key("refund"),
+    // The bad requests changed nothing: still completed, no refund at the gateway, and a
+    // valid refund still works.
+    let payment = app.payment(&id);
+    assert_eq!(payment.status, PaymentStatus::Completed, "{payment:?}");
+    assert_eq!(payment.charge_id, created.charge_id, "{payment:?}");
+    assert_eq!(
+        state_of::<Refund>(app, &id, "refund"),
+        None,
         "a bad refund stored state"
     );
-    if let Some(entries) = app.ledger_entries(&id) {
+    if let Some(entries) = app.ledger(&id) {
         assert!(
-            entries.iter().all(|e| e.op != "refund"),
+            entries.iter().all(|e| e.op != LedgerOp::Refund),
             "the gateway refunded on a bad request: {entries:#?}"
         );
     }
 
-    let invocations = assert_all_settled(app, std::slice::from_ref(&id));
-    let rejected = invocations
+    let invocations = app.assert_all_settled(std::slice::from_ref(&id));
+    let rejected: Vec<_> = invocations
         .iter()
-        .filter(|i| i.target_handler_name == "RefundPayment")
-        .collect::<Vec<_>>();
+        .filter(|i| i.target_handler_name == REFUND)
+        .collect();
     assert_eq!(rejected.len(), cases.len(), "{invocations:#?}");
     for inv in rejected {
         assert_eq!(inv.completion_result.as_deref(), Some("failure"), "{inv:?}");
-        assert!(
-            inv.completion_failure
-                .as_deref()
-                .unwrap_or_default()
-                .starts_with("[400]"),
-            "{inv:?}"
-        );
+        let failure = inv.completion_failure.as_deref().unwrap_or_default();
+        assert!(failure.starts_with("[400]"), "{inv:?}");
     }
 
-    let (status, refund) = app.refund(&id, &json!({"reason": "Customer request", "amount": 10000}));
-    assert_eq!(status, 200, "{refund}");
-    assert_eq!(refund["status"], "completed", "{refund}");
-    assert_eq!(refund["amount"], 10000, "{refund}");
+    let refund = ok(
+        "a valid refund",
+        app.refund(&id, &refund_body("Customer request", Some(10000))),
+    );
+    assert_eq!(refund.status, RefundStatus::Completed, "{refund:?}");
+    assert_eq!(refund.amount.minor_units(), 10000, "{refund:?}");
 }
 
 #[test]
 fn refund_of_a_failed_payment_conflicts() {
-    let app = stack();
+    let app = spawn_app();
     let id = unique_id("conflict");
-    let (status, created) = app.create_payment(
-        &id,
-        &json!({"amount": 800, "currency": "USD", "description": "d", "customerId": "decline-conflict"}),
-    );
-    assert_eq!(status, 200, "{created}");
-    assert_eq!(created["status"], "failed", "{created}");
+    let body = CreatePaymentBody {
+        description: Some("d".into()),
+        ..CreatePaymentBody::new(800, "decline-conflict")
+    };
+    let created = ok("CreatePayment", app.create_payment(&id, &body));
+    assert_eq!(created.status, PaymentStatus::Failed, "{created:?}");
 
-    for body in [
-        json!({"reason": "Customer request"}),
-        json!({"reason": "Customer request", "amount": 800}),
-        json!({"reason": "Customer request", "amount": 0}),
-    ] {
-        let message = assert_error(
-            &format!("refund {body} of a failed payment"),
-            &app.refund(&id, &body),
+    for amount in [None, Some(800), Some(0)] {
+        let message = assert_refused(
+            &format!("refund (amount {amount:?}) of a failed payment"),
+            app.refund(&id, &refund_body("Customer request", amount)),
             409,
         );
         assert!(
@@ -315,18 +324,17 @@ fn refund_of_a_failed_payment_conflicts() {
             "409 must name the status: {message:?}"
         );
     }
-    assert_all_settled(app, &[id]);
+    app.assert_all_settled(&[id]);
 }
 
 /// Valid requests settle too (guards the settledness check itself).
 #[test]
 fn valid_requests_settle_successfully() {
-    let app = stack();
+    let app = spawn_app();
     let id = unique_id("settled");
-    let (status, created) = app.create_payment(&id, &valid());
-    assert_eq!(status, 200, "{created}");
-    let invocations = assert_all_settled(app, std::slice::from_ref(&id));
+    ok("CreatePayment", app.create_payment(&id, &seed_payment()));
+    let invocations = app.assert_all_settled(std::slice::from_ref(&id));
     assert_eq!(invocations.len(), 1, "{invocations:#?}");
-    assert_eq!(invocations[0].target_handler_name, "CreatePayment");
+    assert_eq!(invocations[0].target_handler_name, CREATE);
     assert_eq!(invocations[0].completion_result.as_deref(), Some("success"));
 }

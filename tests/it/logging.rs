@@ -2,68 +2,61 @@
 //! handler replayed after a crash does not log its replayed steps again (the SDK's replay-aware
 //! filter, which only works if the SDK's span is the current one when it flips its replay flag).
 
-mod common;
-
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::owned::OwnedStack;
-use common::unique_id;
-use serde_json::json;
+use payment_service::gateway::MockConfig;
+use payment_service::payment::{CreatePaymentBody, PaymentStatus};
+use testkit::stack::{Stack, wait_until};
+
+use crate::helpers::{ok, own_stack, unique_id};
 
 #[test]
 fn a_payment_replayed_after_a_crash_logs_each_step_once_with_its_id() {
-    let stack = OwnedStack::start(&[
-        ("RUST_LOG", "payment_service=debug".to_owned()),
-        ("GATEWAY_DECLINE_RATE", "0".to_owned()),
-        ("GATEWAY_DELAY_MS", "0".to_owned()),
-        // The gateway acts, then takes this long to answer: the crash lands in between.
-        ("GATEWAY_RESPONSE_DELAY_MS", "1500".to_owned()),
-    ])
-    .expect("starting the stack");
-    let app = &stack.app;
+    let app = own_stack(
+        Stack::builder()
+            .service_env("RUST_LOG", "payment_service=debug")
+            .gateway(MockConfig {
+                decline_rate: 0.0,
+                delay: Duration::ZERO,
+                // The gateway acts, then takes this long to answer: the crash lands in between.
+                response_delay: Duration::from_millis(1500),
+                ..MockConfig::default()
+            }),
+    );
+    let stack = app.stack();
     let id = unique_id("logs");
     let log_path = stack.dir.join("payment-service.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     let answer = thread::scope(|s| {
-        let create = s.spawn(|| {
-            app.create_payment(
-                &id,
-                &json!({"amount": 1200, "currency": "USD", "customerId": "cust-logs"}),
-            )
-        });
+        let create =
+            s.spawn(|| app.create_payment(&id, &CreatePaymentBody::new(1200, "cust-logs")));
         // Kill the service once the gateway has charged (and said so in the log), before the
         // step's result is journaled.
         let charged = || {
-            std::fs::read_to_string(&log_path)
-                .unwrap_or_default()
+            log()
                 .lines()
                 .any(|l| l.contains("gateway call") && l.contains(id.as_str()))
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !charged() {
-            assert!(
-                Instant::now() < deadline,
-                "no charge in 30 s\n{}",
-                stack.logs()
-            );
-            thread::sleep(Duration::from_millis(20));
+        if let Err(e) = wait_until(Duration::from_secs(30), "the charge", || Ok(charged())) {
+            panic!("{e}\n{}", stack.logs());
         }
         assert!(stack.kill_service(), "the service was not running");
         stack.start_service().expect("restarting the service");
         create.join().expect("the create call panicked")
     });
-    assert_eq!(answer.0, 200, "{answer:?}\n{}", stack.logs());
-    assert_eq!(answer.1["status"], "completed", "{answer:?}");
+    let answer = ok("CreatePayment across the crash", answer);
+    assert_eq!(answer.status, PaymentStatus::Completed, "{answer:?}");
 
-    let log = std::fs::read_to_string(&log_path).expect("service log");
+    let log = log();
     let about: Vec<&str> = log.lines().filter(|l| l.contains(id.as_str())).collect();
     let count = |message: &str| about.iter().filter(|l| l.contains(message)).count();
     let tag = format!("payment_id={id}");
 
     // The crash cut the charge step before its result was journaled, so the step ran again and
     // the gateway answered the second call from its key.
-    let ledger = app.ledger_entries(&id).unwrap_or_default();
+    let ledger = app.ledger(&id).expect("an own stack has a ledger");
     let replays: Vec<bool> = ledger.iter().map(|e| e.replay).collect();
     assert_eq!(replays, [false, true], "{ledger:#?}");
 

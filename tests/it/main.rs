@@ -1,0 +1,13 @@
+//! The integration tests, as one binary (one build, one link): each module an area, all over
+//! [`helpers`] and the `testkit` harness. The tests share one stack, started on first use;
+//! the ones that need other settings or kill processes start their own, one at a time.
+//!
+//! `cargo test --test it walkthrough::` runs one area.
+
+mod api;
+mod errors;
+mod gateway_errors;
+mod helpers;
+mod logging;
+mod signing;
+mod walkthrough;
