@@ -119,7 +119,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entries_survive_reopen_and_torn_lines_are_skipped() {
+    fn entries_survive_reopen_a_torn_tail_is_cut_and_corruption_fails() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
         let entry = LedgerEntry {
@@ -150,12 +150,11 @@ mod tests {
         let read = read_ledger(&path).unwrap();
         assert_eq!(read.entries, vec![entry.clone(), entry.clone()]);
         assert_eq!(read.torn_tail, None);
-        // A line that does not parse in the middle is corruption, not a torn append.
         let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(r#"{"op":"charge","idempotencyKey":"charge:p1","paymentId":"p1","amount":100,"outcome":"succeeded","id":"ch_1","replay":false}"#), "{text}");
+        // A line that does not parse in the middle is corruption, not a torn append.
         std::fs::write(&path, format!("garbage\n{text}")).unwrap();
         assert!(read_ledger(&path).is_err());
         assert!(Ledger::open(&path).is_err());
-        let line = std::fs::read_to_string(&path).unwrap();
-        assert!(line.starts_with(r#"{"op":"charge","idempotencyKey":"charge:p1","paymentId":"p1","amount":100,"outcome":"succeeded","id":"ch_1","replay":false}"#), "{line}");
     }
 }
