@@ -50,8 +50,10 @@ impl NewPayment {
             currency,
             description: optional_string(&fields, "description", MAX_DESCRIPTION_CHARS)?
                 .unwrap_or_default(),
-            customer_id: optional_string(&fields, "customerId", MAX_CUSTOMER_ID_CHARS)?
-                .unwrap_or_default(),
+            customer_id: no_control_characters(
+                "customerId",
+                optional_string(&fields, "customerId", MAX_CUSTOMER_ID_CHARS)?.unwrap_or_default(),
+            )?,
         })
     }
 }
@@ -209,6 +211,16 @@ fn optional_string(
     }
 }
 
+/// An identifier has no use for control characters, and in a log line they could forge one.
+fn no_control_characters(name: &str, value: String) -> Result<String, PaymentError> {
+    if value.chars().any(char::is_control) {
+        return Err(PaymentError::invalid(format!(
+            "{name} must not contain control characters"
+        )));
+    }
+    Ok(value)
+}
+
 fn json_type(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -307,6 +319,18 @@ mod tests {
         assert!(message(new_payment(r#"{"amount": 1, "customerId": 7}"#)).contains("customerId"));
         let long = format!(r#"{{"amount": 1, "description": "{}"}}"#, "x".repeat(1001));
         assert!(message(new_payment(&long)).contains("at most 1000"));
+    }
+
+    #[test]
+    fn identifiers_refuse_control_characters() {
+        let forged = r#"{"amount": 1, "customerId": "x\n2026-12-02T03:40:00.000000Z  INFO payment completed payment_id=vip"}"#;
+        assert!(message(new_payment(forged)).contains("control characters"));
+        assert!(
+            message(new_payment(r#"{"amount": 1, "customerId": "a\u0007b"}"#))
+                .contains("customerId")
+        );
+        // Free text may hold a line break; it is escaped where it is logged.
+        assert!(new_payment(r#"{"amount": 1, "description": "two\nlines"}"#).is_ok());
     }
 
     #[test]

@@ -168,7 +168,8 @@ impl fmt::Display for PaymentId {
     }
 }
 
-/// A point in time, UTC, written as RFC 3339 (`2026-11-27T18:04:05.123Z`).
+/// A point in time, UTC, written as RFC 3339 with exactly three fractional digits
+/// (`2026-11-27T18:04:05.120Z`, never `...05.12Z` nor `...05Z`).
 ///
 /// Reading the clock is a side effect: [`Timestamp::now`] may only be called inside a
 /// journaled `ctx.run` step, so that a replay sees the recorded value, never a new one.
@@ -176,7 +177,7 @@ impl fmt::Display for PaymentId {
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 pub struct Timestamp(
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "rfc3339_millis")]
     #[schemars(with = "String")]
     OffsetDateTime,
 );
@@ -202,6 +203,33 @@ impl Timestamp {
     }
 }
 
+/// RFC 3339 in UTC with milliseconds, always three digits: what clients read. Any RFC 3339
+/// time is read back (in UTC, truncated to milliseconds).
+mod rfc3339_millis {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error, ser};
+    use time::format_description::well_known::Rfc3339;
+    use time::macros::format_description;
+    use time::{OffsetDateTime, UtcOffset};
+
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
+    pub fn format(at: OffsetDateTime) -> Result<String, time::error::Format> {
+        at.to_offset(UtcOffset::UTC).format(FORMAT)
+    }
+
+    pub fn serialize<S: Serializer>(at: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*at).map_err(ser::Error::custom)?)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+        let text = String::deserialize(d)?;
+        let at = OffsetDateTime::parse(&text, &Rfc3339).map_err(D::Error::custom)?;
+        let utc = at.to_offset(UtcOffset::UTC);
+        Ok(utc.replace_millisecond(utc.millisecond()).unwrap_or(utc))
+    }
+}
+
 /// A [`Timestamp`] as integer milliseconds since the Unix epoch (`#[serde(with = ...)]`): the
 /// compact form for journaled step results, whose every byte crosses restate-server's log and
 /// storage. Stored state and answers keep RFC 3339.
@@ -223,10 +251,7 @@ pub mod epoch_millis {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self
-            .0
-            .format(&time::format_description::well_known::Rfc3339)
-        {
+        match rfc3339_millis::format(self.0) {
             Ok(s) => f.write_str(&s),
             Err(_) => write!(f, "{:?}", self.0),
         }
@@ -298,6 +323,26 @@ mod tests {
         let back: Timestamp = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ts);
         assert_eq!(ts.0.nanosecond() % 1_000_000, 0);
+    }
+
+    #[test]
+    fn timestamps_always_have_three_fractional_digits() {
+        for (millis, text) in [
+            (1_764_649_922_510, "2025-12-02T04:32:02.510Z"),
+            (1_764_649_920_000, "2025-12-02T04:32:00.000Z"),
+            (1_764_649_920_007, "2025-12-02T04:32:00.007Z"),
+        ] {
+            let ts = Timestamp::from_unix_millis(millis).unwrap();
+            assert_eq!(ts.to_string(), text);
+            assert_eq!(serde_json::to_string(&ts).unwrap(), format!("\"{text}\""));
+            assert_eq!(
+                serde_json::from_str::<Timestamp>(&format!("\"{text}\"")).unwrap(),
+                ts
+            );
+        }
+        // Any RFC 3339 time reads back, in UTC.
+        let ts: Timestamp = serde_json::from_str("\"2025-12-02T05:32:02.51+01:00\"").unwrap();
+        assert_eq!(ts.to_string(), "2025-12-02T04:32:02.510Z");
     }
 
     #[test]

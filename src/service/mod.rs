@@ -51,7 +51,10 @@ impl From<PaymentError> for TerminalError {
         let code = match &error {
             PaymentError::InvalidRequest(_) => 400,
             PaymentError::NotFound { .. } => 404,
-            PaymentError::Conflict { .. } | PaymentError::NotRefundable { .. } => 409,
+            // The IETF Idempotency-Key draft's code for a key reused with another payload (its
+            // 409 means "the first request is still running", which Restate's queue absorbs).
+            PaymentError::Conflict { .. } => 422,
+            PaymentError::NotRefundable { .. } => 409,
         };
         TerminalError::new_with_code(code, error.to_string())
     }
@@ -152,7 +155,7 @@ impl PaymentService {
                     payment_id = %id,
                     amount = %request.amount,
                     currency = %request.currency,
-                    customer_id = %request.customer_id,
+                    customer_id = %request.customer_id.escape_debug(),
                     "creating payment"
                 );
                 let pending = Payment::pending(&id, request);
@@ -170,14 +173,14 @@ impl PaymentService {
                 payment_id = %id,
                 amount = %payment.amount,
                 currency = %payment.currency,
-                customer_id = %payment.customer_id,
+                customer_id = %payment.customer_id.escape_debug(),
                 charge_id = payment.charge_id.as_deref(),
                 "payment completed"
             );
             let (payment_id, customer_id) = (id.as_str(), payment.customer_id.as_str());
             ctx.run(|| async move {
                 // In production: an e-mail through a provider that takes an idempotency key.
-                debug!(%payment_id, %customer_id, "sending receipt");
+                debug!(%payment_id, customer_id = %customer_id.escape_debug(), "sending receipt");
                 Ok(())
             })
             .name("receipt")
@@ -185,7 +188,7 @@ impl PaymentService {
         } else {
             warn!(
                 payment_id = %id,
-                customer_id = %payment.customer_id,
+                customer_id = %payment.customer_id.escape_debug(),
                 error = payment.error_msg.as_deref(),
                 "payment failed"
             );
@@ -257,7 +260,7 @@ impl PaymentService {
         let amount = payment.refundable_amount(request.amount)?;
         let charge_id = payment.charge_id.clone().unwrap_or_default();
         let id = PaymentId::parse(&payment.payment_id)?;
-        debug!(payment_id = %id, %amount, reason = %request.reason, "refunding payment");
+        debug!(payment_id = %id, %amount, reason = %request.reason.escape_debug(), "refunding payment");
 
         let call = GatewayRefund {
             idempotency_key: id.refund_key(),
@@ -291,7 +294,7 @@ impl PaymentService {
             // Nothing is stored: the payment stays completed and a later RefundPayment tries
             // again, with the same key, so a refund the gateway did make is not made twice.
             RefundOutcome::Failed { reason } => {
-                warn!(payment_id = %id, %reason, "refund not processed");
+                warn!(payment_id = %id, reason = %reason.escape_debug(), "refund not processed");
                 return Err(TerminalError::new_with_code(
                     503,
                     format!("refund not processed, try again later: {reason}"),
@@ -306,7 +309,7 @@ impl PaymentService {
         info!(
             payment_id = %id,
             amount = %refund.amount,
-            reason = %refund.reason,
+            reason = %refund.reason.escape_debug(),
             refund_id = %refund.refund_id,
             "refund completed"
         );
@@ -317,6 +320,8 @@ impl PaymentService {
 /// Logs a refused request once, with its status code, so a 4xx is never silent.
 fn log_refusal<T>(payment_id: &str, result: &Result<T, TerminalError>) {
     if let Err(e) = result {
-        info!(%payment_id, code = e.code(), reason = e.message(), "request refused");
+        // The key of a refused request may be anything a caller sent: escaped, it cannot forge a
+        // line of its own.
+        info!(payment_id = %payment_id.escape_debug(), code = e.code(), reason = e.message(), "request refused");
     }
 }

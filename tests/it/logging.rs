@@ -84,3 +84,51 @@ fn a_payment_replayed_after_a_crash_logs_each_step_once_with_its_id() {
         assert!(line.contains(&tag), "{line}");
     }
 }
+
+/// No input can forge a log line: identifiers with control characters are refused, and free
+/// text and refused keys are escaped where they are logged.
+#[test]
+fn no_input_forges_a_log_line() {
+    const FORGED: &str = "2026-12-02T03:40:00.000000Z  INFO payment completed payment_id=vip";
+    let app = own_stack(
+        Stack::builder()
+            .service_env("RUST_LOG", "payment_service=debug")
+            .gateway(MockConfig {
+                decline_rate: 0.0,
+                delay: Duration::ZERO,
+                ..MockConfig::default()
+            }),
+    );
+    let id = unique_id("forge");
+    let refused = app.create_payment(&id, &CreatePaymentBody::new(100, format!("x\n{FORGED}")));
+    let message = crate::helpers::assert_refused("a customerId with a line break", refused, 400);
+    assert!(message.contains("control characters"), "{message}");
+
+    ok(
+        "CreatePayment",
+        app.create_payment(&id, &CreatePaymentBody::new(100, "cust-forge")),
+    );
+    let refund = payment_service::payment::RefundPaymentBody {
+        reason: Some(format!("changed mind\n{FORGED}")),
+        amount: None,
+    };
+    ok("RefundPayment", app.refund(&id, &refund));
+    // A key with a line break in it is refused (404) and logged.
+    let key = format!("{id}\n{FORGED}");
+    let (status, _) = app
+        .call_raw_key(&testkit::client::encode_key(&key), &key, "GetPayment", None)
+        .expect("an answer");
+    assert_eq!(status, 404);
+
+    let log_path = app.stack().dir.join("payment-service.log");
+    let log = std::fs::read_to_string(&log_path).expect("the service's log");
+    assert!(
+        log.contains("changed mind\\n2026-12-02T03:40:00"),
+        "the reason is not logged escaped:\n{log}"
+    );
+    let forged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("2026-12-02T03:40:00"))
+        .collect();
+    assert!(forged.is_empty(), "forged lines: {forged:#?}");
+}

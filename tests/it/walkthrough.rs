@@ -204,7 +204,7 @@ fn sequential_duplicate_returns_the_same_result_and_charges_once() {
         .create_payment(&id, &other)
         .refused()
         .expect("a refusal");
-    assert_eq!(conflict.status, 409, "{conflict:?}");
+    assert_eq!(conflict.status, 422, "{conflict:?}");
     assert!(
         conflict
             .message
