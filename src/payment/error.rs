@@ -25,6 +25,16 @@ pub enum PaymentError {
         payment_id: String,
         fields: Vec<&'static str>,
     },
+    /// What is stored under a state key does not decode (written by an older build, or before
+    /// a bound was tightened): retrying cannot help, an operator must look at it.
+    #[error(
+        "the stored `{key}` of payment {payment_id} does not decode: {problem}; it needs an operator (restate kv get PaymentService {payment_id})"
+    )]
+    CorruptState {
+        payment_id: String,
+        key: &'static str,
+        problem: String,
+    },
     /// The payment exists but is in a status that forbids the operation.
     #[error(
         "cannot refund payment {payment_id} with status {status}: only completed payments can be refunded"

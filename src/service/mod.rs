@@ -55,6 +55,9 @@ impl From<PaymentError> for TerminalError {
             // 409 means "the first request is still running", which Restate's queue absorbs).
             PaymentError::Conflict { .. } => 422,
             PaymentError::NotRefundable { .. } => 409,
+            // Terminal all the same: a retry would decode the same bytes, forever, holding the
+            // payment's lock.
+            PaymentError::CorruptState { .. } => 500,
         };
         TerminalError::new_with_code(code, error.to_string())
     }
@@ -98,12 +101,15 @@ impl PaymentService {
         ctx: SharedObjectContext<'_>,
         _body: JsonBody<NoInput>,
     ) -> Result<Json<Payment>, TerminalError> {
-        let not_found = || PaymentError::NotFound {
-            payment_id: ctx.key().to_owned(),
-        };
-        let result = match ctx.get::<Json<Payment>>(STATE_PAYMENT).await {
-            Ok(Some(payment)) => Ok(payment),
-            Ok(None) => Err(not_found().into()),
+        let result = match ctx.get(STATE_PAYMENT).await {
+            Ok(stored) => match decode::<Payment>(ctx.key(), STATE_PAYMENT, stored) {
+                Ok(Some(payment)) => Ok(Json(payment)),
+                Ok(None) => Err(PaymentError::NotFound {
+                    payment_id: ctx.key().to_owned(),
+                }
+                .into()),
+                Err(e) => Err(e.into()),
+            },
             Err(e) => Err(e),
         };
         log_refusal(ctx.key(), &result);
@@ -134,19 +140,19 @@ impl PaymentService {
         let request = NewPayment::parse(body.as_bytes())?;
         let id = PaymentId::parse(ctx.key())?;
 
-        let stored = ctx.get::<Json<Payment>>(STATE_PAYMENT).await?;
-        if let Some(Json(stored)) = &stored {
+        let stored = decode::<Payment>(ctx.key(), STATE_PAYMENT, ctx.get(STATE_PAYMENT).await?)?;
+        if let Some(stored) = &stored {
             stored.check_retry(&request)?;
         }
         let mut payment = match stored {
-            Some(Json(stored)) if stored.status != PaymentStatus::Pending => {
+            Some(stored) if stored.status != PaymentStatus::Pending => {
                 info!(payment_id = %id, status = %stored.status, "payment already processed");
                 return Ok(PaymentResult::already_processed(&stored));
             }
             // Only an invocation stopped from outside (e.g. cancelled by an operator) leaves a
             // payment pending. Charging again is safe: the key makes the gateway answer the
             // first charge's result if there was one.
-            Some(Json(stored)) => {
+            Some(stored) => {
                 warn!(payment_id = %id, "resuming a pending payment");
                 stored
             }
@@ -247,11 +253,15 @@ impl PaymentService {
     ) -> Result<Refund, TerminalError> {
         let request = RefundRequest::parse(body.as_bytes())?;
 
-        if let Some(Json(refund)) = ctx.get::<Json<Refund>>(STATE_REFUND).await? {
+        if let Some(refund) =
+            decode::<Refund>(ctx.key(), STATE_REFUND, ctx.get(STATE_REFUND).await?)?
+        {
             info!(payment_id = ctx.key(), refund_id = %refund.refund_id, "refund already processed");
             return Ok(refund);
         }
-        let Some(Json(mut payment)) = ctx.get::<Json<Payment>>(STATE_PAYMENT).await? else {
+        let Some(mut payment) =
+            decode::<Payment>(ctx.key(), STATE_PAYMENT, ctx.get(STATE_PAYMENT).await?)?
+        else {
             return Err(PaymentError::NotFound {
                 payment_id: ctx.key().to_owned(),
             }
@@ -315,6 +325,24 @@ impl PaymentService {
         );
         Ok(refund)
     }
+}
+
+/// Decodes what state key `key` holds (read as bytes); a value that does not decode is a
+/// terminal error naming the payment and the problem (the SDK's own decoding would fail the
+/// invocation retryably, forever).
+fn decode<T: serde::de::DeserializeOwned>(
+    payment_id: &str,
+    key: &'static str,
+    stored: Option<bytes::Bytes>,
+) -> Result<Option<T>, PaymentError> {
+    stored
+        .map(|bytes| serde_json::from_slice(&bytes))
+        .transpose()
+        .map_err(|e| PaymentError::CorruptState {
+            payment_id: payment_id.to_owned(),
+            key,
+            problem: e.to_string(),
+        })
 }
 
 /// Logs a refused request once, with its status code, so a 4xx is never silent.

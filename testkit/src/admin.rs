@@ -99,6 +99,24 @@ impl Admin {
         Ok(body["id"].as_str().unwrap_or_default().to_owned())
     }
 
+    /// Replaces one payment's whole state with `state` (key, bytes): the admin API applies it
+    /// asynchronously, after the invocations in flight.
+    pub fn set_state(&self, payment_id: &str, state: &[(&str, &[u8])]) -> anyhow::Result<()> {
+        let url = format!("{}/services/{SERVICE}/state", self.url);
+        let new_state: serde_json::Map<String, Value> = state
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
+        self.http
+            .post(&url)
+            .json(&json!({ "object_key": payment_id, "new_state": new_state }))
+            .send()
+            .with_context(|| format!("POST {url}"))?
+            .error_for_status()
+            .with_context(|| format!("POST {url}"))?;
+        Ok(())
+    }
+
     /// The OpenAPI document of `PaymentService`.
     pub fn openapi(&self) -> anyhow::Result<Value> {
         let url = format!("{}/services/{SERVICE}/openapi", self.url);

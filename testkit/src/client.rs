@@ -97,13 +97,16 @@ pub enum Class {
     Transient,
 }
 
-/// Classifies an HTTP answer to a call on payment `id`. 408, 429 and 5xx are transient; so is
-/// a 404 that is not the handler's own (`payment <id> not found`): a restarted node's ingress
-/// answers 404 `service not found` until it has loaded the registered services.
+/// Classifies an HTTP answer to a call on payment `id`. 408, 429 and 5xx are transient (a
+/// handler's 503 says "try again later"), but for a handler's own 500 (`"source":
+/// "invocation"`: a terminal error, the same on every retry); so is a 404 that is not the
+/// handler's own (`payment <id> not found`): a restarted node's ingress answers 404 `service
+/// not found` until it has loaded the registered services.
 pub fn classify(status: u16, body: &Value, id: &str) -> Class {
     let transient = match status {
         408 | 429 => true,
         404 => !is_not_found(body, id),
+        500 => body["source"] != "invocation",
         s => s >= 500,
     };
     if transient {
@@ -471,6 +474,8 @@ mod tests {
         for s in [408, 429, 500, 502, 503] {
             assert_eq!(classify(s, &Value::Null, "p"), Class::Transient, "{s}");
         }
+        let terminal = json!({"code": 500, "message": "does not decode", "source": "invocation"});
+        assert_eq!(classify(500, &terminal, "p"), Class::Final);
     }
 
     #[test]

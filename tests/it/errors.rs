@@ -1,4 +1,4 @@
-//! Declines and every error answer (404 / 400 / 409): each is a terminal error with a message,
+//! Declines and every error answer (400 / 404 / 409 / 500): each is a terminal error with a message,
 //! and leaves no invocation pending or retrying.
 
 use bytes::Bytes;
@@ -8,6 +8,10 @@ use payment_service::payment::{
 use serde_json::json;
 use testkit::client::{CREATE, GET, REFUND};
 use testkit::ledger::{LedgerOp, LedgerOutcome};
+
+use std::time::Duration;
+
+use testkit::stack::wait_until;
 
 use crate::helpers::{
     assert_error, assert_refused, assert_utc, ok, refund_body, seed_payment, spawn_app, state_of,
@@ -337,4 +341,45 @@ fn valid_requests_settle_successfully() {
     assert_eq!(invocations.len(), 1, "{invocations:#?}");
     assert_eq!(invocations[0].target_handler_name, CREATE);
     assert_eq!(invocations[0].completion_result.as_deref(), Some("success"));
+}
+
+/// Stored state that no longer decodes (here: an amount of 0, as if the bound had been
+/// tightened after it was written) is a terminal 500 naming the payment and the problem, not
+/// a retry that holds the payment's lock forever.
+#[test]
+fn stored_state_that_does_not_decode_is_a_terminal_error_naming_the_payment() {
+    let app = spawn_app();
+    let id = unique_id("corrupt");
+    app.completed_payment(&id, 1000);
+    let mut stored = app.admin().state(&id).expect("the state")["payment"].clone();
+    stored["amount"] = json!(0);
+    let bytes = stored.to_string().into_bytes();
+    app.admin()
+        .set_state(&id, &[("payment", &bytes)])
+        .expect("changing the state");
+    wait_until(Duration::from_secs(20), "the state change", || {
+        Ok(app.admin().state(&id)?["payment"]["amount"] == json!(0))
+    })
+    .expect("the state change applied");
+
+    for (handler, body) in [
+        (GET, json!({})),
+        (
+            CREATE,
+            json!({"amount": 1000, "currency": "USD", "customerId": "cust-test"}),
+        ),
+        (REFUND, json!({})),
+    ] {
+        let answer = app.call_raw(&id, handler, Some(Bytes::from(body.to_string())), &[]);
+        let message = assert_error(handler, &answer, 500);
+        assert!(
+            message.contains(&id)
+                && message.contains("does not decode")
+                && message.contains("amount"),
+            "{handler}: {message}"
+        );
+    }
+    for inv in app.admin().invocations_of(&id).expect("the invocations") {
+        assert_eq!(inv.status, "completed", "left retrying: {inv:?}");
+    }
 }
