@@ -4,8 +4,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
 use restate_sdk::endpoint::Endpoint;
-use restate_sdk::http_server::HttpServer;
+use restate_sdk::hyper::HyperEndpoint;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::gateway::PaymentGateway;
@@ -54,12 +57,49 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves `endpoint` on `listener` until `shutdown` completes, then lets in-flight requests
-/// finish (the SDK gives them 10 s). Restate retries whatever is cut off, from its journal.
+/// finish (up to 10 s). Restate retries whatever is cut off, from its journal.
+///
+/// Not the SDK's `HttpServer`: its accept loop stops accepting for good after one accept error
+/// (e.g. out of file descriptors). Here a failed accept is logged and retried, backing off from
+/// 10 ms to 1 s, so the service serves again as soon as descriptors are free.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: impl Future) {
-    HttpServer::new(endpoint)
-        .serve_with_cancel(listener, shutdown)
-        .await;
+    let endpoint = HyperEndpoint::new(endpoint);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, remote)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    let conn = http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), endpoint.clone());
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::warn!(%remote, error = %e, "error serving a connection");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "accepting a connection failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {
+            tracing::warn!("timed out waiting for connections to close");
+        }
+    }
 }
+
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (what `docker stop` and Kubernetes send); the SDK's
 /// own default waits for SIGINT only.

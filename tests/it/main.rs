@@ -4,6 +4,7 @@
 //!
 //! `cargo test --test it walkthrough::` runs one area.
 
+mod accept;
 mod api;
 mod errors;
 mod gateway_errors;
