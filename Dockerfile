@@ -12,13 +12,10 @@ WORKDIR /build
 
 # 1. Dependencies only, against placeholder sources: this layer is rebuilt
 #    only when Cargo.toml or Cargo.lock change, not on every source edit.
-#    Cargo.toml's [[bench]] target must exist for the manifest to load; its
-#    placeholder stays (the image never builds it).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src benches \
+RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/payments.rs \
     && cargo build --release --locked --bin payment-service \
     && rm -rf src
 

@@ -13,7 +13,10 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "stackctl", about = "Start, break and measure payment-service stacks")]
+#[command(
+    name = "stackctl",
+    about = "Start, break and measure payment-service stacks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
