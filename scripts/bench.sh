@@ -11,6 +11,7 @@ args=()
 for arg in "$@"; do
     if [[ "$arg" == --no-build ]]; then build=false; else args+=("$arg"); fi
 done
-scripts/install-restate.sh >/dev/null
+# RESTATE_SERVER_BIN set: that server, nothing to install (as scripts/test.sh).
+[[ -n "${RESTATE_SERVER_BIN:-}" ]] || scripts/install-restate.sh >/dev/null
 if $build; then cargo build --release --workspace --bins; fi
 exec "${CARGO_TARGET_DIR:-target}/release/stackctl" bench "${args[@]}"

@@ -895,9 +895,10 @@ impl Bench<'_> {
         }
         stored.extend(preload.run.ok_keys());
         self.settle("after the preload").await;
-        let s = self.create_fresh("create fresh, 100k stored", "l");
+        let n = stored.len();
+        let s = self.create_fresh(format!("create fresh, {n} stored"), "l");
         let loaded_create = self.row(&s).await;
-        let s = get(self, "get, 100k stored", &stored);
+        let s = get(self, &format!("get, {n} stored"), &stored);
         let loaded_get = self.row(&s).await;
         let scale = Scale {
             empty_create,
@@ -906,7 +907,7 @@ impl Bench<'_> {
             loaded_create,
             loaded_get,
             stored_at_empty,
-            stored: stored.len(),
+            stored: n,
         };
         Ok(self.scale_summary(scale))
     }

@@ -757,8 +757,10 @@ fn report_windows(report: &mut Report, d: &Driven, plan: &Plan) {
         "{:>10} {:>6} {:>7} {:>6} {:>6} {:>7}",
         "window", "ok/s", "errors", "p50", "p99", "max"
     ));
-    let mut w = 0.0;
-    while w < d.end(plan) {
+    let (mut w, end) = (0.0, d.end(plan));
+    while w < end {
+        // The last window may be shorter: its rate over its own length.
+        let span = (end - w).min(10.0);
         let rs: Vec<&Record> = d
             .run
             .records
@@ -769,7 +771,7 @@ fn report_windows(report: &mut Report, d: &Driven, plan: &Plan) {
         report.line(format!(
             "{w:4.0}-{:3.0}s {:6.0} {:7} {:>6} {:>6} {:>7}",
             w + 10.0,
-            lat.count() as f64 / 10.0,
+            lat.count() as f64 / span,
             rs.len() as u64 - lat.count(),
             fmt_ms(lat.ms(0.5)),
             fmt_ms(lat.ms(0.99)),
