@@ -30,7 +30,7 @@ use payment_service::gateway::MockConfig;
 use serde_json::{Value, json};
 
 use crate::bench::{self, BenchArgs, Report};
-use crate::client::{CREATE, GET, PaymentClient, is_not_found};
+use crate::client::{CREATE, CallError, GET, PaymentClient, is_not_found};
 use crate::ledger::{LedgerOp, LedgerOutcome, read_ledger};
 use crate::load::{self, ClosedLoop, Latency, Outcome, Record, Run};
 use crate::paths;
@@ -87,7 +87,7 @@ pub struct MeasureArgs {
     /// The bench scenario: seconds per scenario (`stackctl bench --duration`).
     #[arg(long, default_value_t = 15)]
     pub bench_duration: u64,
-    /// The bench scenario: floor / CreatePayment rounds.
+    /// The bench scenario: floor / CreatePayment rounds (each side `--bench-duration` long).
     #[arg(long, default_value_t = 2)]
     pub bench_rounds: u32,
     /// The bench scenario: seconds per concurrency-1 scenario (0 skips them).
@@ -223,7 +223,9 @@ fn run_scenario(args: &MeasureArgs, scenario: Scenario, dir: &Path) -> anyhow::R
                 concurrency: 64,
                 duration: args.bench_duration,
                 rounds: args.bench_rounds,
-                round_duration: 2,
+                // Rounds as long as the other scenarios, as the README's cluster table measured
+                // them (2 x 15 s).
+                round_duration: args.bench_duration,
                 latency_duration: args.bench_latency_duration,
                 warmup: 3,
                 scale: false,
@@ -455,11 +457,15 @@ async fn create(client: &PaymentClient, ingress: usize, key: &str) -> (Outcome, 
             Some(clip(&answer.to_string())),
         ),
         Err(e) => {
-            let body = e.to_string();
-            (
-                Outcome::Error(e.kind()),
-                body.contains("HTTP ").then(|| clip(&body)),
-            )
+            // A transient HTTP answer's body (e.g. an ingress's 404); none for a broken connection.
+            let body = match &e {
+                CallError::Silent(last) => last
+                    .strip_prefix("HTTP ")
+                    .and_then(|rest| rest.split_once(": "))
+                    .map(|(_, body)| clip(body)),
+                CallError::Unexpected(answer) => Some(clip(answer)),
+            };
+            (Outcome::Error(e.kind()), body)
         }
     }
 }
