@@ -11,14 +11,15 @@ FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /build
 
 # 1. Dependencies only, against placeholder sources: this layer is rebuilt
-#    only when Cargo.toml or Cargo.lock change, not on every source edit.
-#    Cargo.toml's [[bench]] target must exist for the manifest to load; its
-#    placeholder stays (the image never builds it).
+#    only when the manifests or Cargo.lock change, not on every source edit.
+#    The workspace's other member, testkit (the test harness), must be there for
+#    the manifest to load; an empty library stands in for it (the image never
+#    builds it).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src benches \
+COPY testkit/Cargo.toml testkit/
+RUN mkdir -p src testkit/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/payments.rs \
+    && touch src/lib.rs testkit/src/lib.rs \
     && cargo build --release --locked --bin payment-service \
     && rm -rf src
 

@@ -88,6 +88,20 @@ pub enum CallError {
     Unexpected(String),
 }
 
+impl CallError {
+    /// A short kind for reports, the same for every payment: `HTTP 503`, `timeout`, `refused`
+    /// (no connection), `connection error` (one that broke), `unexpected answer`.
+    pub fn kind(&self) -> String {
+        match self {
+            CallError::Unexpected(_) => "unexpected answer".to_owned(),
+            CallError::Silent(last) => match last.strip_prefix("HTTP ") {
+                Some(rest) => format!("HTTP {}", rest.split(':').next().unwrap_or(rest)),
+                None => last.split(" (").next().unwrap_or(last).to_owned(),
+            },
+        }
+    }
+}
+
 /// How one HTTP outcome counts (the one classification of the harness).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
@@ -256,6 +270,23 @@ impl PaymentClient {
         body: Option<Bytes>,
         headers: &[(&str, &str)],
     ) -> Result<(u16, Value), CallError> {
+        self.call_object_raw(first, SERVICE, url_key, id, handler, body, headers)
+            .await
+    }
+
+    /// [`Self::call_raw_key`] on another virtual object than `PaymentService` (e.g. the
+    /// benchmark's floor), with the same classification and retries.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call_object_raw(
+        &self,
+        first: usize,
+        object: &str,
+        url_key: &str,
+        id: &str,
+        handler: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, Value), CallError> {
         let n = self.ingresses.len();
         let at = std::sync::atomic::AtomicUsize::new(first % n);
         let deadline = *crate::process::lock(&self.deadline);
@@ -263,7 +294,7 @@ impl PaymentClient {
             let i = at.load(Ordering::Relaxed);
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             self.counters.attempts_by_ingress[i].fetch_add(1, Ordering::Relaxed);
-            let url = format!("{}/{SERVICE}/{url_key}/{handler}", self.ingresses[i]);
+            let url = format!("{}/{object}/{url_key}/{handler}", self.ingresses[i]);
             let mut request = self.http.post(&url);
             if let Some(body) = &body {
                 request = request
@@ -296,13 +327,15 @@ impl PaymentClient {
                     }
                 }
                 Err(e) => {
-                    let counter = if e.is_timeout() {
-                        &self.counters.timeouts
+                    let (counter, kind) = if e.is_timeout() {
+                        (&self.counters.timeouts, "timeout")
+                    } else if e.is_connect() {
+                        (&self.counters.connection_errors, "refused")
                     } else {
-                        &self.counters.connection_errors
+                        (&self.counters.connection_errors, "connection error")
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
-                    Err(format!("POST {url}: {e}"))
+                    Err(format!("{kind} (POST {url}: {e})"))
                 }
             }
         };
@@ -476,6 +509,18 @@ mod tests {
         }
         let terminal = json!({"code": 500, "message": "does not decode", "source": "invocation"});
         assert_eq!(classify(500, &terminal, "p"), Class::Final);
+    }
+
+    #[test]
+    fn error_kinds_name_no_payment() {
+        let http = CallError::Silent("HTTP 503: {\"message\":\"p-1\"}".into());
+        assert_eq!(http.kind(), "HTTP 503");
+        let refused = CallError::Silent("refused (POST http://x/PaymentService/p-1/Get: e)".into());
+        assert_eq!(refused.kind(), "refused");
+        assert_eq!(
+            CallError::Unexpected("x".into()).kind(),
+            "unexpected answer"
+        );
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! | [`client`]  | the typed client of the three handlers, transient errors, retries          |
 //! | [`ledger`]  | the gateway's ledger, read-only, per payment                               |
 //! | [`load`]    | the load engine: closed loop, scheduled, latency histograms, process CPU and memory |
+//! | [`bench`]   | the benchmark against the floor (`stackctl bench`, README "Performance")    |
+//! | [`measure`] | the cluster measurements under faults (`stackctl measure`, "What survives what") |
 //!
 //! A test is short: start a [`stack::Stack`], call it through its [`client::PaymentClient`],
 //! break it (`kill_node`, `kill_service`), assert with [`admin::Admin`] and the ledger.

@@ -8,7 +8,7 @@
 //! * Latencies go into an `hdrhistogram` (microseconds, 3 significant digits); percentiles are
 //!   read from it, whoever measured.
 //! * [`Sampler`]: CPU time and resident memory of named processes, and of the whole machine
-//!   (`procfs`), over a run.
+//!   (`procfs`), over a run; [`machine`]: what the machine is.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use procfs::CurrentSI as _;
+use procfs::{Current as _, CurrentSI as _};
 
 /// How one request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,9 @@ pub struct ClosedLoop {
     pub duration: Duration,
     /// ...or after this many requests.
     pub limit: Option<u64>,
+    /// How long a worker waits after a request that failed before it sends the next one (in
+    /// no request's latency): a client does not spin on a dead server.
+    pub error_pause: Duration,
 }
 
 /// What a request function returns: the key, the ingress and the outcome; `None` when the
@@ -94,6 +97,7 @@ where
                     let Some((key, ingress, outcome)) = request(worker, n).await else {
                         break;
                     };
+                    let failed = !outcome.is_ok();
                     records.push(Record {
                         worker,
                         key,
@@ -102,6 +106,9 @@ where
                         end: t0.elapsed(),
                         outcome,
                     });
+                    if failed && !spec.error_pause.is_zero() {
+                        tokio::time::sleep(spec.error_pause).await;
+                    }
                 }
                 records
             })
@@ -375,6 +382,31 @@ pub fn machine_busy_seconds() -> Option<f64> {
     Some(busy as f64 / procfs::ticks_per_second() as f64)
 }
 
+/// What a measurement ran on, for its summary.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub mem_total_kb: Option<u64>,
+    /// The 1-, 5- and 15-minute load averages.
+    pub loadavg: Option<[f32; 3]>,
+}
+
+/// The machine now (see [`Machine`]).
+pub fn machine() -> Machine {
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model: procfs::CpuInfo::current()
+            .ok()
+            .and_then(|c| c.model_name(0).map(str::to_owned))
+            .unwrap_or_default(),
+        mem_total_kb: procfs::Meminfo::current().ok().map(|m| m.mem_total / 1024),
+        loadavg: procfs::LoadAverage::current()
+            .ok()
+            .map(|l| [l.one, l.five, l.fifteen]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,11 +422,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failed_request_pauses_its_worker_outside_any_latency() {
+        let spec = ClosedLoop {
+            workers: 1,
+            duration: Duration::from_millis(300),
+            limit: None,
+            error_pause: Duration::from_millis(100),
+        };
+        let run = closed_loop(spec, &[], |_, n| async move {
+            Some((format!("k{n}"), 0, Outcome::Error("down".into())))
+        })
+        .await;
+        // One request per pause, not thousands of instant failures.
+        assert!(
+            (2..=4).contains(&run.records.len()),
+            "{}",
+            run.records.len()
+        );
+        assert!(run.latency(|_| true).ms(1.0) < 50.0);
+    }
+
+    #[test]
+    fn the_machine_is_described() {
+        let m = machine();
+        assert!(m.cpus > 0);
+        assert!(m.mem_total_kb.is_some_and(|kb| kb > 0));
+        assert!(m.loadavg.is_some());
+    }
+
+    #[tokio::test]
     async fn a_closed_loop_stops_at_its_limit_and_counts_errors() {
         let spec = ClosedLoop {
             workers: 4,
             duration: Duration::from_secs(10),
             limit: Some(20),
+            error_pause: Duration::ZERO,
         };
         let run = closed_loop(spec, &[("self", std::process::id())], |_, n| async move {
             let outcome = if n % 4 == 0 {

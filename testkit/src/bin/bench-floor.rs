@@ -1,6 +1,6 @@
-//! `bench_floor`: the benchmark's floor, a Restate virtual object with the journal shape of
-//! `PaymentService/CreatePayment` and no logic at all. Bench-only; `scripts/bench.sh` starts it
-//! beside the service and `benches/payments.rs` reports our throughput as a ratio of its own.
+//! `bench-floor`: the benchmark's floor, a Restate virtual object with the journal shape of
+//! `PaymentService/CreatePayment` and no logic at all. Bench-only; `stackctl bench` starts it
+//! beside the service (`testkit::bench`) and reports our throughput as a ratio of its own.
 //!
 //! `BenchFloor/<id>/Create` journals what `CreatePayment` journals for a new payment:
 //!
@@ -19,7 +19,7 @@
 //! the wire: see [`server::listen`].
 //!
 //! ```text
-//! cargo run --release --example bench_floor -- --bind 127.0.0.1:9091
+//! cargo run --release -p testkit --bin bench-floor -- --bind 127.0.0.1:9091
 //! ```
 
 use std::net::SocketAddr;
@@ -40,7 +40,7 @@ const PADDING: &str = "paymentId=<id> amount=10000 currency=USD customerId=cust-
 
 /// The bench-only floor object (see the module doc).
 #[derive(Debug, Parser)]
-#[command(name = "bench_floor", about)]
+#[command(name = "bench-floor", about)]
 struct Args {
     /// Address to listen on for the Restate server (HTTP/2 cleartext).
     #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:9091")]
@@ -143,7 +143,7 @@ fn main() -> std::io::Result<()> {
 async fn run(args: Args) -> std::io::Result<()> {
     // TCP_NODELAY, as the service: see `server::listen`.
     let listener = server::listen(args.bind)?;
-    eprintln!("bench_floor listening on {}", listener.local_addr()?);
+    eprintln!("bench-floor listening on {}", listener.local_addr()?);
     server::serve(
         listener,
         Endpoint::builder().bind(BenchFloor).build(),
