@@ -4,6 +4,4 @@
 # --server-kills N, --response-delay-ms N, --recovery-timeout S, --keep; --help lists them).
 # GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS=1 switches the gateway's key check off: it must fail.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/install-restate.sh >/dev/null && cargo build -q --release --workspace --bins
-exec "${CARGO_TARGET_DIR:-target}/release/stackctl" crash --full "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/stackctl" crash --full "$@"

@@ -5,6 +5,4 @@
 # scripts/cluster.sh status|kill N|start N|stop N|wait-ready N|kill-service|start-service.
 # `stackctl cluster up --help` lists the port variables.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/install-restate.sh >/dev/null && cargo build -q --release --workspace --bins
-exec "${CARGO_TARGET_DIR:-target}/release/stackctl" cluster up "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/stackctl" cluster up "$@"

@@ -5,6 +5,4 @@
 # SERVICE_PORT; the service's own settings (GATEWAY_*, IDENTITY_KEYS, RUST_LOG) pass through.
 # `stackctl stack up --help` lists everything.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/install-restate.sh >/dev/null && cargo build -q --release --workspace --bins
-exec "${CARGO_TARGET_DIR:-target}/release/stackctl" stack up "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/stackctl" stack up "$@"

@@ -130,6 +130,22 @@ impl CreatePaymentBody {
             customer_id: Some(customer_id.into()),
         }
     }
+
+    /// The same body with this description.
+    pub fn described(self, description: impl Into<String>) -> Self {
+        Self {
+            description: Some(description.into()),
+            ..self
+        }
+    }
+
+    /// The same body in this currency.
+    pub fn in_currency(self, code: impl Into<String>) -> Self {
+        Self {
+            currency: Some(code.into()),
+            ..self
+        }
+    }
 }
 
 /// `GetPayment` takes no input; the seed sends `{}`, which is accepted, as is no body at all.

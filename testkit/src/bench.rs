@@ -912,33 +912,29 @@ impl Bench<'_> {
         Ok(self.scale_summary(scale))
     }
 
-    fn scale_summary(&mut self, scale: Scale) -> Value {
-        let Scale {
-            empty_create,
-            empty_get,
-            preload,
-            loaded_create,
-            loaded_get,
-            stored_at_empty,
-            stored: n,
-        } = scale;
+    fn scale_summary(&mut self, s: Scale) -> Value {
+        let n = s.stored;
         let mut checks = vec![
             p99_check(
                 "CreatePayment p99, stored / empty",
-                &loaded_create,
-                &empty_create,
+                &s.loaded_create,
+                &s.empty_create,
             ),
-            p99_check("GetPayment p99, stored / empty", &loaded_get, &empty_get),
+            p99_check(
+                "GetPayment p99, stored / empty",
+                &s.loaded_get,
+                &s.empty_get,
+            ),
         ];
         let rss = |ms: [&Measured; 2]| {
             ms.iter()
                 .filter_map(|m| m.proc("service").and_then(|p| p.rss_max_kb))
                 .max()
         };
-        let empty_rss = rss([&empty_create, &empty_get]);
+        let empty_rss = rss([&s.empty_create, &s.empty_get]);
         checks.extend(self.rss_check(
             "payment-service peak RSS, stored, MB",
-            rss([&loaded_create, &loaded_get]),
+            rss([&s.loaded_create, &s.loaded_get]),
             |_, _| {
                 format!(
                     "largest of VmRSS sampled every 100 ms and VmHWM, with {n} payments stored \
@@ -949,18 +945,24 @@ impl Bench<'_> {
         ));
         self.report.line("");
         self.report.line(format!(
-            "stored payments: {stored_at_empty} during the empty-server measurement, {n} after the preload"
+            "stored payments: {} during the empty-server measurement, {n} after the preload",
+            s.stored_at_empty
         ));
         self.print_checks(&checks);
-        let measured = [&empty_create, &empty_get, &loaded_create, &loaded_get];
+        let measured = [
+            &s.empty_create,
+            &s.empty_get,
+            &s.loaded_create,
+            &s.loaded_get,
+        ];
         let noise = measured.iter().map(|m| m.other_cores()).fold(0.0, f64::max);
         self.warn_noise(noise);
         json!({
             "mode": "scale",
             "other_processes_cpu_cores_max": round3(noise),
-            "stored_during_empty": stored_at_empty,
+            "stored_during_empty": s.stored_at_empty,
             "stored_after_preload": n,
-            "scenarios": [empty_create.to_json(), empty_get.to_json(), preload.to_json(), loaded_create.to_json(), loaded_get.to_json()],
+            "scenarios": [s.empty_create.to_json(), s.empty_get.to_json(), s.preload.to_json(), s.loaded_create.to_json(), s.loaded_get.to_json()],
             "checks": checks.iter().map(Check::to_json).collect::<Vec<_>>(),
             "service_vmhwm_mb": self.hwm_kb("service").map(kb_to_mb),
             "server_vmhwm_mb": self.hwm_kb("server").map(kb_to_mb),

@@ -76,6 +76,9 @@ impl<T: std::fmt::Debug> Answer<T> {
     }
 }
 
+/// A call's end: the service's answer, or none.
+pub type Reply<T> = Result<Answer<T>, CallError>;
+
 /// No final answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CallError {
@@ -201,24 +204,16 @@ impl PaymentClient {
         *crate::process::lock(&self.deadline) = deadline;
     }
 
-    pub async fn create_payment(
-        &self,
-        id: &str,
-        body: &CreatePaymentBody,
-    ) -> Result<Answer<PaymentResult>, CallError> {
+    pub async fn create_payment(&self, id: &str, body: &CreatePaymentBody) -> Reply<PaymentResult> {
         self.call(0, id, CREATE, body).await
     }
 
     /// `GetPayment` with `{}`, as the seed sends it.
-    pub async fn get_payment(&self, id: &str) -> Result<Answer<Payment>, CallError> {
+    pub async fn get_payment(&self, id: &str) -> Reply<Payment> {
         self.call(0, id, GET, &serde_json::json!({})).await
     }
 
-    pub async fn refund_payment(
-        &self,
-        id: &str,
-        body: &RefundPaymentBody,
-    ) -> Result<Answer<Refund>, CallError> {
+    pub async fn refund_payment(&self, id: &str, body: &RefundPaymentBody) -> Reply<Refund> {
         self.call(0, id, REFUND, body).await
     }
 
@@ -405,7 +400,8 @@ pub fn parse_body(bytes: &[u8]) -> Value {
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
-/// [`PaymentClient`] for blocking code: each call runs on a runtime of its own.
+/// [`PaymentClient`] for blocking code: `client.block_on(client.inner().get_payment(id))`, on a
+/// runtime of its own.
 #[derive(Clone)]
 pub struct BlockingClient {
     inner: PaymentClient,
@@ -427,60 +423,6 @@ impl BlockingClient {
 
     pub fn inner(&self) -> &PaymentClient {
         &self.inner
-    }
-
-    pub fn create_payment(
-        &self,
-        id: &str,
-        body: &CreatePaymentBody,
-    ) -> Result<Answer<PaymentResult>, CallError> {
-        self.rt.block_on(self.inner.create_payment(id, body))
-    }
-
-    pub fn get_payment(&self, id: &str) -> Result<Answer<Payment>, CallError> {
-        self.rt.block_on(self.inner.get_payment(id))
-    }
-
-    pub fn refund_payment(
-        &self,
-        id: &str,
-        body: &RefundPaymentBody,
-    ) -> Result<Answer<Refund>, CallError> {
-        self.rt.block_on(self.inner.refund_payment(id, body))
-    }
-
-    pub fn call<T: DeserializeOwned>(
-        &self,
-        id: &str,
-        handler: &str,
-        body: &impl Serialize,
-    ) -> Result<Answer<T>, CallError> {
-        self.rt.block_on(self.inner.call(0, id, handler, body))
-    }
-
-    pub fn call_raw(
-        &self,
-        id: &str,
-        handler: &str,
-        body: Option<Bytes>,
-        headers: &[(&str, &str)],
-    ) -> Result<(u16, Value), CallError> {
-        self.rt
-            .block_on(self.inner.call_raw(0, id, handler, body, headers))
-    }
-
-    pub fn call_raw_key(
-        &self,
-        url_key: &str,
-        id: &str,
-        handler: &str,
-        body: Option<Bytes>,
-        headers: &[(&str, &str)],
-    ) -> Result<(u16, Value), CallError> {
-        self.rt.block_on(
-            self.inner
-                .call_raw_key(0, url_key, id, handler, body, headers),
-        )
     }
 
     /// Runs any future of the async client on this client's runtime.

@@ -48,10 +48,7 @@ fn invocations_with_key(app: &TestApp, payment_id: &str, key: &str) -> Vec<Invoc
 fn idempotency_key_replays_the_first_answer_of_create_and_refund() {
     let app = spawn_app();
     let id = unique_id("idem-key");
-    let body = CreatePaymentBody {
-        description: Some("Key".into()),
-        ..CreatePaymentBody::new(7000, "cust-kim")
-    };
+    let body = CreatePaymentBody::new(7000, "cust-kim").described("Key");
 
     let first: PaymentResult = call_with_key(app, &id, CREATE, &body, "create-7000-kim");
     assert_eq!(first.message, "Payment processed successfully", "{first:?}");

@@ -108,7 +108,7 @@ fn a_gateway_that_fails_sometimes_still_settles_every_payment_once() {
         let mut refunded = None;
         for _ in 0..20 {
             // The client counts a 503 as no answer (transient), with the status in its error.
-            match app.client().refund_payment(id, &body) {
+            match app.run(app.api().refund_payment(id, &body)) {
                 Ok(answer) => {
                     refunded = Some(ok("RefundPayment", answer));
                     break;

@@ -122,7 +122,9 @@ impl TestApp {
         // The ingress serves the service once the handler itself answers: its own 404.
         let probe = format!("{PROBE_PREFIX}it");
         wait_until(EXTERNAL_READY_TIMEOUT, "the ingress to serve", || {
-            Ok(matches!(client.get_payment(&probe), Ok(Answer::Refused(r)) if r.status == 404))
+            Ok(
+                matches!(client.block_on(client.inner().get_payment(&probe)), Ok(Answer::Refused(r)) if r.status == 404),
+            )
         })?;
         Ok(Self {
             client,
@@ -142,11 +144,11 @@ impl TestApp {
     // ---- the handlers -----------------------------------------------------------------------
 
     pub fn create_payment(&self, id: &str, body: &CreatePaymentBody) -> Answer<PaymentResult> {
-        self.answered(id, self.client.create_payment(id, body))
+        self.answered(id, self.run(self.api().create_payment(id, body)))
     }
 
     pub fn get_payment(&self, id: &str) -> Answer<Payment> {
-        self.answered(id, self.client.get_payment(id))
+        self.answered(id, self.run(self.api().get_payment(id)))
     }
 
     /// `GetPayment` of a payment that must exist.
@@ -159,7 +161,7 @@ impl TestApp {
     }
 
     pub fn refund(&self, id: &str, body: &RefundPaymentBody) -> Answer<Refund> {
-        self.answered(id, self.client.refund_payment(id, body))
+        self.answered(id, self.run(self.api().refund_payment(id, body)))
     }
 
     /// A handler with a body the wire types cannot write (e.g. a field left out, not `null`).
@@ -169,7 +171,7 @@ impl TestApp {
         handler: &str,
         body: &Value,
     ) -> Answer<T> {
-        self.answered(id, self.client.call(id, handler, body))
+        self.answered(id, self.run(self.api().call(0, id, handler, body)))
     }
 
     /// A handler with raw body bytes (`None`: no body, no content type) and extra headers.
@@ -180,7 +182,10 @@ impl TestApp {
         body: Option<Bytes>,
         headers: &[(&str, &str)],
     ) -> (u16, Value) {
-        self.answered(id, self.client.call_raw(id, handler, body, headers))
+        self.answered(
+            id,
+            self.run(self.api().call_raw(0, id, handler, body, headers)),
+        )
     }
 
     /// [`Self::call_raw`] with the key as it goes into the URL (percent-encoded); the answer,
@@ -192,7 +197,7 @@ impl TestApp {
         handler: &str,
         body: Option<Bytes>,
     ) -> Result<(u16, Value), CallError> {
-        self.client.call_raw_key(url_key, id, handler, body, &[])
+        self.run(self.api().call_raw_key(0, url_key, id, handler, body, &[]))
     }
 
     /// Creates a payment of `amount` that must complete; its answer.
@@ -218,9 +223,15 @@ impl TestApp {
 
     // ---- what the server and the gateway know ------------------------------------------------
 
-    /// The client itself, for answers the typed calls above take for a failure (e.g. a 503).
-    pub fn client(&self) -> &BlockingClient {
-        &self.client
+    /// The async client itself, for answers the typed calls above take for a failure (e.g. a
+    /// 503); [`Self::run`] runs its calls.
+    pub fn api(&self) -> &PaymentClient {
+        self.client.inner()
+    }
+
+    /// Runs a call of [`Self::api`] to its end.
+    pub fn run<F: std::future::Future>(&self, call: F) -> F::Output {
+        self.client.block_on(call)
     }
 
     pub fn admin(&self) -> &Admin {

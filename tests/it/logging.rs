@@ -11,19 +11,25 @@ use testkit::stack::{Stack, wait_until};
 
 use crate::helpers::{ok, own_stack, unique_id};
 
-#[test]
-fn a_payment_replayed_after_a_crash_logs_each_step_once_with_its_id() {
-    let app = own_stack(
+/// A stack of the test's own whose service logs every step, with a gateway that never
+/// declines and answers `response_delay` after it acted.
+fn logging_every_step(response_delay: Duration) -> crate::helpers::TestApp {
+    own_stack(
         Stack::builder()
             .service_env("RUST_LOG", "payment_service=debug")
             .gateway(MockConfig {
                 decline_rate: 0.0,
                 delay: Duration::ZERO,
-                // The gateway acts, then takes this long to answer: the crash lands in between.
-                response_delay: Duration::from_millis(1500),
+                response_delay,
                 ..MockConfig::default()
             }),
-    );
+    )
+}
+
+#[test]
+fn a_payment_replayed_after_a_crash_logs_each_step_once_with_its_id() {
+    // The gateway acts, then takes this long to answer: the crash lands in between.
+    let app = logging_every_step(Duration::from_millis(1500));
     let stack = app.stack();
     let id = unique_id("logs");
     let log_path = stack.dir.join("payment-service.log");
@@ -90,15 +96,7 @@ fn a_payment_replayed_after_a_crash_logs_each_step_once_with_its_id() {
 #[test]
 fn no_input_forges_a_log_line() {
     const FORGED: &str = "2026-12-02T03:40:00.000000Z  INFO payment completed payment_id=vip";
-    let app = own_stack(
-        Stack::builder()
-            .service_env("RUST_LOG", "payment_service=debug")
-            .gateway(MockConfig {
-                decline_rate: 0.0,
-                delay: Duration::ZERO,
-                ..MockConfig::default()
-            }),
-    );
+    let app = logging_every_step(Duration::ZERO);
     let id = unique_id("forge");
     let refused = app.create_payment(&id, &CreatePaymentBody::new(100, format!("x\n{FORGED}")));
     let message = crate::helpers::assert_refused("a customerId with a line break", refused, 400);

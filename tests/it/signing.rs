@@ -1,6 +1,9 @@
 //! Request signing: with identity keys configured, the service serves only requests signed by
 //! the Restate server (which holds the private key), and refuses everything else with 401.
 
+use std::time::Duration;
+
+use payment_service::gateway::MockConfig;
 use payment_service::payment::{CreatePaymentBody, PaymentStatus};
 use reqwest::blocking::Client;
 use testkit::stack::Stack;
@@ -23,7 +26,12 @@ fn signed_calls_succeed_and_unsigned_ones_are_refused() {
                     "/tests/fixtures/test-identity-key.pem"
                 ),
             )
-            .identity_keys(vec![TEST_PUBLIC_KEY.to_owned()]),
+            .identity_keys(vec![TEST_PUBLIC_KEY.to_owned()])
+            .gateway(MockConfig {
+                decline_rate: 0.0,
+                delay: Duration::from_millis(1),
+                ..MockConfig::default()
+            }),
     );
     let service = app.stack().service_url();
 

@@ -225,10 +225,7 @@ fn concurrent_duplicates_charge_exactly_once() {
     const CALLERS: usize = 5;
     let app = spawn_app();
     let id = unique_id("dup-concurrent");
-    let body = CreatePaymentBody {
-        description: Some("Concurrent".into()),
-        ..CreatePaymentBody::new(1500, "cust-carol")
-    };
+    let body = CreatePaymentBody::new(1500, "cust-carol").described("Concurrent");
 
     let barrier = Barrier::new(CALLERS);
     let answers: Vec<PaymentResult> = std::thread::scope(|s| {
@@ -292,11 +289,9 @@ fn currency_defaults_to_usd() {
 fn the_largest_allowed_amount_is_accepted() {
     let app = spawn_app();
     let id = unique_id("max-amount");
-    let body = CreatePaymentBody {
-        currency: Some("JPY".into()),
-        description: Some("Max".into()),
-        ..CreatePaymentBody::new(1_000_000_000_000, "cust-max")
-    };
+    let body = CreatePaymentBody::new(1_000_000_000_000, "cust-max")
+        .in_currency("JPY")
+        .described("Max");
     let created = ok(
         "amount 10^12 must be accepted",
         app.create_payment(&id, &body),

@@ -12,11 +12,10 @@ use payment_service::payment::{Payment, PaymentResult, PaymentStatus, Refund};
 
 use super::plan::{Params, PaymentPlan};
 use crate::admin::Invocation;
-use crate::client::{Answer, CallError, REFUND};
+use crate::client::{Answer, REFUND};
 use crate::stack::PROBE_PREFIX;
 
-/// A client call's end: the service's answer, or none before the deadline.
-pub type Reply<T> = Result<Answer<T>, CallError>;
+pub use crate::client::Reply;
 
 /// What the clients of one payment got.
 #[derive(Debug, Clone, Default)]

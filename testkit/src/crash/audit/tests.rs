@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::*;
-use crate::client::Refusal;
+use crate::client::{CallError, Refusal};
 
 /// A clean run of two payments: one charged (a step re-executed: a replayed charge line) and
 /// refunded, one declined whose refund was refused with 409.
