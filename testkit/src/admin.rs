@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use crate::client::SERVICE;
 
-/// One row of `sys_invocation` (the columns the harness looks at).
+/// One row of `sys_invocation` (the columns the harness looks at; a column that is null or
+/// absent is `None`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Invocation {
     pub id: String,
@@ -20,15 +21,11 @@ pub struct Invocation {
     pub target_handler_name: String,
     /// pending, scheduled, ready, running, paused, backing-off, suspended, completed
     pub status: String,
-    #[serde(default)]
     pub retry_count: Option<u64>,
-    #[serde(default)]
     pub last_failure: Option<String>,
     /// `success` or `failure`, once completed.
-    #[serde(default)]
     pub completion_result: Option<String>,
     /// e.g. `[400] amount must be positive`.
-    #[serde(default)]
     pub completion_failure: Option<String>,
 }
 
@@ -41,11 +38,9 @@ pub struct JournalEntry {
     pub id: String,
     pub target_handler_name: String,
     pub status: String,
-    #[serde(default)]
     pub completion_result: Option<String>,
     pub index: u64,
     pub entry_type: String,
-    #[serde(default)]
     pub name: Option<String>,
 }
 

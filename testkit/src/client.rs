@@ -251,26 +251,12 @@ impl PaymentClient {
         body: Option<Bytes>,
         headers: &[(&str, &str)],
     ) -> Result<(u16, Value), CallError> {
-        self.call_raw_key(first, &encode_key(id), id, handler, body, headers)
+        self.call_object_raw(first, SERVICE, &encode_key(id), id, handler, body, headers)
             .await
     }
 
-    /// [`Self::call_raw`] with the key as it goes into the URL (e.g. already percent-encoded).
-    pub async fn call_raw_key(
-        &self,
-        first: usize,
-        url_key: &str,
-        id: &str,
-        handler: &str,
-        body: Option<Bytes>,
-        headers: &[(&str, &str)],
-    ) -> Result<(u16, Value), CallError> {
-        self.call_object_raw(first, SERVICE, url_key, id, handler, body, headers)
-            .await
-    }
-
-    /// [`Self::call_raw_key`] on another virtual object than `PaymentService` (e.g. the
-    /// benchmark's floor), with the same classification and retries.
+    /// [`Self::call_raw`] on any virtual object (`PaymentService`, or e.g. the benchmark's
+    /// floor), with the key as it goes into the URL (e.g. already percent-encoded).
     #[allow(clippy::too_many_arguments)]
     pub async fn call_object_raw(
         &self,

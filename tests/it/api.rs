@@ -2,7 +2,7 @@
 //! of malformed and edge-case requests.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Barrier, Mutex};
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use payment_service::payment::{CreatePaymentBody, Payment, PaymentResult, PaymentStatus, Refund};
@@ -15,7 +15,7 @@ use testkit::admin::{Invocation, sql_str};
 use testkit::client::{CREATE, GET, REFUND};
 use testkit::ledger::LedgerOp;
 
-use crate::helpers::{TestApp, refund_body, spawn_app, unique_id};
+use crate::helpers::{TestApp, all_at_once, refund_body, spawn_app, unique_id};
 
 /// `handler` of payment `id` with an `idempotency-key` header; the 200 answer.
 #[track_caller]
@@ -84,17 +84,8 @@ fn requests_with_one_key_in_flight_together_run_once() {
     let app = spawn_app();
     let id = unique_id("idem-inflight");
     let body = CreatePaymentBody::new(3100, "cust-lee");
-    let barrier = Barrier::new(CALLERS);
-    let answers: Vec<PaymentResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..CALLERS)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    call_with_key(app, &id, CREATE, &body, "inflight")
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let answers: Vec<PaymentResult> = all_at_once(CALLERS, || {
+        call_with_key(app, &id, CREATE, &body, "inflight")
     });
     // Every caller got the one invocation's answer: had any run on its own after the first,
     // it would have answered "Payment already processed".

@@ -21,7 +21,7 @@ use payment_service::payment::{
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use testkit::admin::{Admin, Invocation, sql_str};
-use testkit::client::{Answer, BlockingClient, CallError, PaymentClient};
+use testkit::client::{Answer, BlockingClient, CallError, PaymentClient, SERVICE};
 use testkit::ledger::LedgerEntry;
 use testkit::stack::{PROBE_PREFIX, Stack, StackBuilder, wait_until};
 
@@ -197,7 +197,10 @@ impl TestApp {
         handler: &str,
         body: Option<Bytes>,
     ) -> Result<(u16, Value), CallError> {
-        self.run(self.api().call_raw_key(0, url_key, id, handler, body, &[]))
+        self.run(
+            self.api()
+                .call_object_raw(0, SERVICE, url_key, id, handler, body, &[]),
+        )
     }
 
     /// Creates a payment of `amount` that must complete; its answer.
@@ -273,6 +276,22 @@ impl TestApp {
         }
         invocations
     }
+}
+
+/// Runs `call` on `n` threads that start it together (a barrier); the answers in thread order.
+pub fn all_at_once<T: Send>(n: usize, call: impl Fn() -> T + Sync) -> Vec<T> {
+    let barrier = std::sync::Barrier::new(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    call()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
 
 /// A payment ID unique to this run: `<prefix>-<uuid>`.

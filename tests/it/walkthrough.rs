@@ -1,8 +1,6 @@
 //! Happy paths and idempotency: the seed README walkthrough, duplicate and concurrent
 //! CreatePayments, refund idempotency, and the stored state.
 
-use std::sync::Barrier;
-
 use payment_service::payment::{
     CreatePaymentBody, Payment, PaymentResult, PaymentStatus, Refund, RefundStatus,
 };
@@ -10,7 +8,9 @@ use serde_json::json;
 use testkit::client::{Answer, CREATE, GET, REFUND};
 use testkit::ledger::{LedgerEntry, LedgerOp, LedgerOutcome};
 
-use crate::helpers::{assert_utc, ok, refund_body, seed_payment, spawn_app, state_of, unique_id};
+use crate::helpers::{
+    all_at_once, assert_utc, ok, refund_body, seed_payment, spawn_app, state_of, unique_id,
+};
 
 fn charges(entries: &[LedgerEntry]) -> Vec<&LedgerEntry> {
     entries
@@ -227,17 +227,8 @@ fn concurrent_duplicates_charge_exactly_once() {
     let id = unique_id("dup-concurrent");
     let body = CreatePaymentBody::new(1500, "cust-carol").described("Concurrent");
 
-    let barrier = Barrier::new(CALLERS);
-    let answers: Vec<PaymentResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..CALLERS)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    ok("CreatePayment", app.create_payment(&id, &body))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let answers: Vec<PaymentResult> = all_at_once(CALLERS, || {
+        ok("CreatePayment", app.create_payment(&id, &body))
     });
 
     let charge_id = charge_id(&answers[0]);

@@ -54,6 +54,7 @@ pub struct CrashArgs {
     /// Replay a schedule (default: a random seed, printed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Payment IDs (default: 240 full, 60 small, 40 small on a cluster).
     #[arg(long)]
     pub payments: Option<usize>,
     /// Seconds of kills (the service every 1-2 s).
