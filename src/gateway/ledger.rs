@@ -57,6 +57,14 @@ impl Ledger {
             .append(true)
             .open(path)
             .with_context(|| format!("opening ledger {}", path.display()))?;
+        // One writer: two processes appending to one ledger would each believe it knows every
+        // key. The lock goes with the file, at exit or crash.
+        file.try_lock().map_err(|e| {
+            anyhow::anyhow!(
+                "ledger {} is in use by another process ({e}): one gateway per ledger",
+                path.display()
+            )
+        })?;
         let bytes = std::fs::read(path)?;
         if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
             let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -156,5 +164,35 @@ mod tests {
         std::fs::write(&path, format!("garbage\n{text}")).unwrap();
         assert!(read_ledger(&path).is_err());
         assert!(Ledger::open(&path).is_err());
+    }
+
+    #[test]
+    fn a_line_torn_inside_a_character_is_cut_off_and_one_writer_holds_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let entry = LedgerEntry {
+            op: LedgerOp::Refund,
+            idempotency_key: "refund:p€".into(),
+            payment_id: "p€".into(),
+            amount: 5,
+            outcome: LedgerOutcome::Succeeded,
+            id: Some("re_1".into()),
+            replay: false,
+        };
+        Ledger::open(&path).unwrap().0.append(&entry).unwrap();
+        let line = serde_json::to_vec(&entry).unwrap();
+        let cut = line.iter().position(|&b| b == 0xE2).unwrap() + 2; // inside the euro sign
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&line[..cut]).unwrap();
+        drop(f);
+        assert!(read_ledger(&path).unwrap().torn_tail.is_some());
+        let (ledger, entries) = Ledger::open(&path).unwrap();
+        assert_eq!(entries, vec![entry.clone()]);
+        assert!(std::fs::read(&path).unwrap().ends_with(b"\n"));
+        // While it is open, no other writer gets it.
+        let other = Ledger::open(&path).unwrap_err();
+        assert!(format!("{other:#}").contains("in use"), "{other:#}");
+        drop(ledger);
+        assert!(Ledger::open(&path).is_ok());
     }
 }

@@ -417,7 +417,9 @@ mod tests {
         let other = gw.charge(charge("charge:p2", "cust", 100)).await.unwrap();
         assert_ne!(first, other, "charge IDs must be unique");
 
-        // A new gateway over the same ledger remembers the key.
+        // A new gateway over the same ledger (the first one gone: one writer per ledger)
+        // remembers the key.
+        drop(gw);
         let restarted = MockGateway::new(cfg).unwrap();
         let after = restarted
             .charge(charge("charge:p1", "cust", 100))
