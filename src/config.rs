@@ -53,7 +53,9 @@ pub struct Config {
     pub gateway_ledger: Option<PathBuf>,
 
     /// Mock gateway, fault injection, never in production: act on every call even when its
-    /// idempotency key is known. Only to show what the crash test finds without keys.
+    /// idempotency key is known. Only to show what the crash test finds without keys; only in
+    /// a build with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
     #[arg(
         long,
         env = "GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS",
@@ -70,7 +72,10 @@ impl Config {
             error_rate: self.gateway_error_rate,
             response_delay: Duration::from_millis(self.gateway_response_delay_ms),
             ledger: self.gateway_ledger.clone(),
+            #[cfg(feature = "fault-injection")]
             ignore_idempotency_keys: self.gateway_unsafe_ignore_idempotency_keys,
+            #[cfg(not(feature = "fault-injection"))]
+            ignore_idempotency_keys: false,
         }
     }
 }
@@ -160,7 +165,7 @@ mod tests {
             error_rate: 0.5,
             response_delay: Duration::from_millis(150),
             ledger: Some(PathBuf::from("/tmp/ledger.jsonl")),
-            ignore_idempotency_keys: true,
+            ignore_idempotency_keys: cfg!(feature = "fault-injection"),
         };
         let args = std::iter::once("payment-service".to_owned()).chain(mock.to_args());
         assert_eq!(Config::try_parse_from(args).unwrap().mock_gateway(), mock);
@@ -170,6 +175,17 @@ mod tests {
             Config::try_parse_from(args).unwrap().mock_gateway(),
             default
         );
+    }
+
+    /// The production build has no switch that turns the gateway's key check off.
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn the_key_check_cannot_be_switched_off() {
+        let flag = [
+            "payment-service",
+            "--gateway-unsafe-ignore-idempotency-keys",
+        ];
+        assert!(Config::try_parse_from(flag).is_err());
     }
 
     #[test]

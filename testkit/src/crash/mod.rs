@@ -192,7 +192,14 @@ pub fn run(params: &Params, service_bin: Option<PathBuf>, keep: bool) -> anyhow:
     if let Some(bin) = service_bin {
         builder = builder.service_bin(bin);
     }
-    let stack = builder.start()?;
+    let stack = builder.start().with_context(|| {
+        if params.ignore_keys {
+            "the key check can be switched off only in a build with the fault-injection feature \
+             (scripts/crash-test.sh builds one; or set PAYMENT_SERVICE_BIN)"
+        } else {
+            "starting the stack"
+        }
+    })?;
     report::stack_up(&stack, began.elapsed());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
