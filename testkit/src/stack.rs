@@ -198,11 +198,6 @@ impl StackBuilder {
     }
 
     fn assemble(&self, dir: &Path) -> anyhow::Result<Stack> {
-        let server_bin = paths::restate_server()?;
-        let service_bin = match &self.service_bin {
-            Some(bin) => bin.clone(),
-            None => paths::payment_service()?,
-        };
         let (node_ports, service_port) = match &self.fixed_ports {
             Some((nodes, service)) => {
                 anyhow::ensure!(nodes.len() == self.nodes, "one set of ports per node");
@@ -215,33 +210,89 @@ impl StackBuilder {
                 ports::pick()?,
             ),
         };
-        let config = match &self.config {
-            Some(file) => file.clone(),
-            None if self.nodes == 1 => Some(paths::single_node_config()),
-            None => Some(paths::cluster_config()),
-        };
         let cluster_name = self.cluster_name.clone().unwrap_or_else(|| {
             format!(
                 "payment-{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             )
         });
+        let nodes = self.node_processes(dir, &node_ports, &cluster_name)?;
+        let ledger = self
+            .gateway
+            .ledger
+            .clone()
+            .unwrap_or_else(|| dir.join("gateway-ledger.jsonl"));
+        let service = self.service_process(dir, service_port, &ledger)?;
+        let extras = self
+            .extras
+            .iter()
+            .enumerate()
+            .map(|(k, extra)| {
+                let port = match &self.fixed_ports {
+                    Some(_) => service_port + 1 + k as u16,
+                    None => ports::pick()?,
+                };
+                Ok(Deployment::new(
+                    &extra.name,
+                    extra.bin.clone(),
+                    extra.args.clone(),
+                    Vec::new(),
+                    port,
+                    dir,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let ingresses: Vec<String> = node_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{}", p.ingress))
+            .collect();
+        let ready: Arc<Vec<AtomicBool>> =
+            Arc::new(nodes.iter().map(|_| AtomicBool::new(false)).collect());
+        Ok(Stack {
+            dir: dir.to_owned(),
+            cluster_name,
+            client: PaymentClient::with_up_flags(ingresses.clone(), ready.clone()),
+            probe: BlockingClient::new(
+                PaymentClient::new(ingresses).with_timeout(Duration::from_secs(10)),
+            ),
+            nodes,
+            ready,
+            service,
+            extras,
+            ledger,
+        })
+    }
+
+    /// The restate-server nodes, not started: the same command for one node and for each of a
+    /// cluster's, told every node's address (the metadata store's members).
+    fn node_processes(
+        &self,
+        dir: &Path,
+        ports: &[NodePorts],
+        cluster: &str,
+    ) -> anyhow::Result<Vec<Node>> {
+        let server_bin = paths::restate_server()?;
+        let config = match &self.config {
+            Some(file) => file.clone(),
+            None if self.nodes == 1 => Some(paths::single_node_config()),
+            None => Some(paths::cluster_config()),
+        };
         let metadata = json!(
-            node_ports
+            ports
                 .iter()
                 .map(|p| format!("http://127.0.0.1:{}", p.node))
                 .collect::<Vec<_>>()
         )
         .to_string();
         let data = dir.join("restate-data");
-        let nodes = node_ports
+        let nodes = ports
             .iter()
             .enumerate()
             .map(|(i, &ports)| {
                 let name = format!("node-{}", i + 1);
                 let mut env = vec![
                     ("RESTATE_LOG_DISABLE_ANSI_CODES", "true".to_owned()),
-                    ("RESTATE_CLUSTER_NAME", cluster_name.clone()),
+                    ("RESTATE_CLUSTER_NAME", cluster.to_owned()),
                     // Only node 1 provisions the cluster (once: restarted, it finds it).
                     ("RESTATE_AUTO_PROVISION", (i == 0).to_string()),
                     ("RESTATE_BIND_ADDRESS", format!("127.0.0.1:{}", ports.node)),
@@ -291,67 +342,32 @@ impl StackBuilder {
                 });
                 Node { name, ports, proc }
             })
-            .collect::<Vec<_>>();
+            .collect();
+        Ok(nodes)
+    }
 
-        let ledger = self
-            .gateway
-            .ledger
-            .clone()
-            .unwrap_or_else(|| dir.join("gateway-ledger.jsonl"));
+    /// payment-service, not started: its gateway (ledger at `ledger`) and keys as flags.
+    fn service_process(&self, dir: &Path, port: u16, ledger: &Path) -> anyhow::Result<Deployment> {
+        let bin = match &self.service_bin {
+            Some(bin) => bin.clone(),
+            None => paths::payment_service()?,
+        };
         let gateway = MockConfig {
-            ledger: Some(ledger.clone()),
+            ledger: Some(ledger.to_owned()),
             ..self.gateway.clone()
         };
         let mut args = gateway.to_args();
         if !self.identity_keys.is_empty() {
             args.push(format!("--identity-keys={}", self.identity_keys.join(",")));
         }
-        let service = Deployment::new(
+        Ok(Deployment::new(
             "payment-service",
-            service_bin,
+            bin,
             args,
             self.service_env.clone(),
-            service_port,
+            port,
             dir,
-        );
-        let extras = self
-            .extras
-            .iter()
-            .enumerate()
-            .map(|(k, extra)| {
-                let port = match &self.fixed_ports {
-                    Some(_) => service_port + 1 + k as u16,
-                    None => ports::pick()?,
-                };
-                Ok(Deployment::new(
-                    &extra.name,
-                    extra.bin.clone(),
-                    extra.args.clone(),
-                    Vec::new(),
-                    port,
-                    dir,
-                ))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let ingresses: Vec<String> = node_ports
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{}", p.ingress))
-            .collect();
-        let ready: Arc<Vec<AtomicBool>> =
-            Arc::new(nodes.iter().map(|_| AtomicBool::new(false)).collect());
-        Ok(Stack {
-            dir: dir.to_owned(),
-            cluster_name,
-            client: PaymentClient::with_up_flags(ingresses.clone(), ready.clone()),
-            probe: BlockingClient::new(
-                PaymentClient::new(ingresses).with_timeout(Duration::from_secs(10)),
-            ),
-            nodes,
-            ready,
-            service,
-            extras,
-            ledger,
-        })
+        ))
     }
 }
 
