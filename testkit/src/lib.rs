@@ -16,6 +16,8 @@
 //! | [`load`]    | the load engine: closed loop, scheduled, latency histograms, process CPU and memory |
 //! | [`bench`]   | the benchmark against the floor (`stackctl bench`, README "Performance")    |
 //! | [`measure`] | the cluster measurements under faults (`stackctl measure`, "What survives what") |
+//! | [`crash`]   | the crash test: plan, clients, kills, audit (a `Violation` enum), report   |
+//! | [`cli`]     | `stackctl stack` and `stackctl cluster`: stacks in the foreground, on fixed ports |
 //!
 //! A test is short: start a [`stack::Stack`], call it through its [`client::PaymentClient`],
 //! break it (`kill_node`, `kill_service`), assert with [`admin::Admin`] and the ledger.
