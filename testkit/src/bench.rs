@@ -142,6 +142,8 @@ fn run_config(
             ..MockConfig::default()
         })
         .extra_service(floor()?)
+        // As the floor: no fsync per call (the service's own work is what is measured).
+        .without_ledger()
         .dir(out)
         .start()?;
     let m = load::machine();

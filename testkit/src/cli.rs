@@ -139,7 +139,9 @@ pub fn stack(args: StackArgs) -> anyhow::Result<()> {
         dir.display(),
         stack.admin_url(0),
         restate.display(),
-        stack.ledger().display(),
+        stack
+            .ledger()
+            .map_or("none".into(), |p| p.display().to_string()),
         dir.display(),
     );
     let stack = Arc::new(stack);

@@ -577,7 +577,13 @@ fn measure(stack: &Stack, args: &MeasureArgs, plan: &Plan, dir: &Path) -> anyhow
                 1
             }
         };
-        problems += report_ledger(&mut report, &driven, stack.ledger())?;
+        problems += report_ledger(
+            &mut report,
+            &driven,
+            stack
+                .ledger()
+                .context("the measurements check the gateway's ledger")?,
+        )?;
     }
     problems += driven.events.iter().filter(|e| e.error.is_some()).count();
     report.save(&dir.join("report.txt"))?;

@@ -92,6 +92,7 @@ pub struct StackBuilder {
     dir: Option<PathBuf>,
     fixed_ports: Option<(Vec<NodePorts>, u16)>,
     cluster_name: Option<String>,
+    with_ledger: bool,
 }
 
 impl StackBuilder {
@@ -121,8 +122,17 @@ impl StackBuilder {
     }
 
     /// The service's mock gateway; its ledger defaults to `<dir>/gateway-ledger.jsonl`.
+    /// (The benchmark runs it without one: see [`Self::without_ledger`].)
     pub fn gateway(mut self, gateway: MockConfig) -> Self {
         self.gateway = gateway;
+        self
+    }
+
+    /// No gateway ledger: the gateway keeps its keys in memory only (and forgets them when the
+    /// service restarts), with no fsync per call. For measurements of the service, never for
+    /// a stack that kills the service.
+    pub fn without_ledger(mut self) -> Self {
+        self.with_ledger = false;
         self
     }
 
@@ -188,7 +198,9 @@ impl StackBuilder {
                     // A folder of our own starts again empty; a given one keeps its data.
                     if self.dir.is_none() {
                         let _ = std::fs::remove_dir_all(dir.join("restate-data"));
-                        let _ = std::fs::remove_file(&stack.ledger);
+                        if let Some(ledger) = &stack.ledger {
+                            let _ = std::fs::remove_file(ledger);
+                        }
                     }
                     last = Some(e);
                 }
@@ -217,12 +229,13 @@ impl StackBuilder {
             )
         });
         let nodes = self.node_processes(dir, &node_ports, &cluster_name)?;
-        let ledger = self
-            .gateway
-            .ledger
-            .clone()
-            .unwrap_or_else(|| dir.join("gateway-ledger.jsonl"));
-        let service = self.service_process(dir, service_port, &ledger)?;
+        let ledger = self.with_ledger.then(|| {
+            self.gateway
+                .ledger
+                .clone()
+                .unwrap_or_else(|| dir.join("gateway-ledger.jsonl"))
+        });
+        let service = self.service_process(dir, service_port, ledger.as_deref())?;
         let extras = self
             .extras
             .iter()
@@ -347,13 +360,18 @@ impl StackBuilder {
     }
 
     /// payment-service, not started: its gateway (ledger at `ledger`) and keys as flags.
-    fn service_process(&self, dir: &Path, port: u16, ledger: &Path) -> anyhow::Result<Deployment> {
+    fn service_process(
+        &self,
+        dir: &Path,
+        port: u16,
+        ledger: Option<&Path>,
+    ) -> anyhow::Result<Deployment> {
         let bin = match &self.service_bin {
             Some(bin) => bin.clone(),
             None => paths::payment_service()?,
         };
         let gateway = MockConfig {
-            ledger: Some(ledger.to_owned()),
+            ledger: ledger.map(Path::to_owned),
             ..self.gateway.clone()
         };
         let mut args = gateway.to_args();
@@ -468,7 +486,7 @@ pub struct Stack {
     ready: Arc<Vec<AtomicBool>>,
     service: Deployment,
     extras: Vec<Deployment>,
-    ledger: PathBuf,
+    ledger: Option<PathBuf>,
     client: PaymentClient,
     probe: BlockingClient,
 }
@@ -488,6 +506,7 @@ impl Stack {
             dir: None,
             fixed_ports: None,
             cluster_name: None,
+            with_ledger: true,
         }
     }
 
@@ -571,9 +590,9 @@ impl Stack {
         &self.extras[k].url
     }
 
-    /// The gateway's ledger.
-    pub fn ledger(&self) -> &Path {
-        &self.ledger
+    /// The gateway's ledger (`None`: [`StackBuilder::without_ledger`]).
+    pub fn ledger(&self) -> Option<&Path> {
+        self.ledger.as_deref()
     }
 
     /// A client of every ingress, routing retries by the readiness flags; one attempt per call

@@ -9,7 +9,7 @@
 //! is `None` and the ledger assertions are skipped. Own stacks are always started here (a test
 //! that kills processes needs processes of its own).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -87,7 +87,7 @@ impl TestApp {
         Self {
             client: BlockingClient::new(stack.client()),
             admin: stack.live_admin(),
-            ledger: Some(stack.ledger().to_owned()),
+            ledger: stack.ledger().map(Path::to_owned),
             stack: Some(stack),
         }
     }

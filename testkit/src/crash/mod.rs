@@ -332,7 +332,10 @@ fn end_state(
     finals: Vec<audit::Reply<payment_service::payment::Payment>>,
     unfinished: Vec<Invocation>,
 ) -> anyhow::Result<EndState> {
-    let ledger = crate::ledger::read_ledger(stack.ledger())?;
+    let path = stack
+        .ledger()
+        .context("the crash test audits the gateway's ledger")?;
+    let ledger = crate::ledger::read_ledger(path)?;
     if let Some(torn) = &ledger.torn_tail {
         println!("crash: torn last ledger line (a crash mid-append): {torn}");
     }
