@@ -96,7 +96,13 @@ impl Proc {
 
     /// `Some(status)` once the process has exited by itself.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        let status = self.child.try_wait().ok().flatten();
+        if status.is_some() {
+            // Reaped: its pid is free again, and the exit hook must not signal it.
+            let pid = self.child.id();
+            lock(&LIVE).retain(|&p| p != pid);
+        }
+        status
     }
 
     /// A crash: SIGKILL to the whole process group, no grace; returns once it is reaped.
@@ -126,12 +132,11 @@ impl Proc {
     }
 
     fn reap(&mut self) -> Option<ExitStatus> {
+        // Whatever else is left in its group (e.g. a wrapper's child), only while the leader
+        // is not reaped yet: until then it holds the group id, which so is no one else's.
+        // (`signal_group` checks with `try_wait`, which reaps a leader that has exited.)
+        self.signal_group(libc::SIGKILL);
         let status = self.child.wait().ok();
-        // Whatever else is left in its group (e.g. a wrapper's child).
-        // SAFETY: as above; the group id cannot have been reused while `self` held the child.
-        unsafe {
-            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
-        }
         let pid = self.child.id();
         lock(&LIVE).retain(|&p| p != pid);
         status
