@@ -38,7 +38,7 @@ impl NewPayment {
                     "amount is required: a positive integer of minor units (10000 = 100.00)",
                 ));
             }
-            Some(value) => parse_amount(value)?,
+            Some(value) => Amount::new(whole_units(value)?)?,
         };
         let currency = match optional_string(&fields, "currency", 16)? {
             None => Currency::usd(),
@@ -81,8 +81,10 @@ impl RefundRequest {
         let fields = parse_object(body, true)?;
         let amount = match fields.get("amount") {
             None | Some(Value::Null) => RefundAmount::Full,
-            Some(Value::Number(n)) if n.as_u64() == Some(0) => RefundAmount::Full,
-            Some(value) => RefundAmount::Partial(parse_amount(value)?),
+            Some(value) => match whole_units(value)? {
+                0 => RefundAmount::Full,
+                units => RefundAmount::Partial(Amount::new(units)?),
+            },
         };
         Ok(Self {
             reason: optional_string(&fields, "reason", MAX_REASON_CHARS)?.unwrap_or_default(),
@@ -91,34 +93,47 @@ impl RefundRequest {
     }
 }
 
-/// The documented shape of a `CreatePayment` body, published as its JSON schema, and what a
-/// client (the test harness) sends. Parsing does not go through it (see [`NewPayment::parse`]);
-/// the two live side by side to change together.
+// The bodies' published JSON schemas come from the types below, with the bounds above; the
+// parsers (`NewPayment::parse`, `RefundRequest::parse`, `NoInput::parse`) accept exactly what
+// the schemas allow. tests/it/schema.rs holds them to it with a schema-driven fuzzer, both at
+// the parsers and through Restate's ingress. The doc comments are published: they are for
+// clients.
+
+/// Creates and charges a payment. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatePaymentBody {
-    /// Amount in minor units of the currency (10000 = 100.00 USD).
-    #[schemars(range(min = 1, max = 1_000_000_000_000u64))]
+    /// Amount in minor units of the currency (10000 = 100.00 USD): an integer (`100.0` is 100).
+    #[schemars(range(min = 1, max = super::MAX_AMOUNT))]
     pub amount: u64,
-    /// ISO 4217 code, three upper-case letters; absent or empty means USD.
-    #[schemars(regex(pattern = r"^[A-Z]{3}$"))]
+    /// ISO 4217 code, three upper-case letters; absent, null or empty means USD.
+    #[schemars(regex(pattern = CURRENCY_OR_EMPTY))]
     pub currency: Option<String>,
-    #[schemars(length(max = 1000))]
+    /// Free text, kept with the payment.
+    #[schemars(length(max = MAX_DESCRIPTION_CHARS))]
     pub description: Option<String>,
-    #[schemars(length(max = 255))]
+    /// The customer's identifier: no control characters.
+    #[schemars(length(max = MAX_CUSTOMER_ID_CHARS), regex(pattern = NO_CONTROL_CHARACTERS))]
     pub customer_id: Option<String>,
 }
 
-/// The documented shape of a `RefundPayment` body (see [`RefundRequest::parse`]).
+/// Refunds a completed payment, in full or in part; an absent body refunds in full. Unknown
+/// fields are ignored.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RefundPaymentBody {
-    #[schemars(length(max = 1000))]
+    /// Free text, kept with the refund.
+    #[schemars(length(max = MAX_REASON_CHARS))]
     pub reason: Option<String>,
-    /// Minor units to refund, at most the payment's amount; absent or 0 refunds in full.
-    #[schemars(range(max = 1_000_000_000_000u64))]
+    /// Minor units to refund, at most the payment's amount; absent, null or 0 refunds in full.
+    #[schemars(range(max = super::MAX_AMOUNT))]
     pub amount: Option<u64>,
 }
+
+/// A currency code as the schema states it: [`Currency::parse`]'s rule, or empty for USD.
+const CURRENCY_OR_EMPTY: &str = "^([A-Z]{3})?$";
+/// No Unicode control character (general category Cc: `char::is_control`).
+const NO_CONTROL_CHARACTERS: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
 
 impl CreatePaymentBody {
     /// A body for `amount` minor units in USD from `customer_id`, without a description.
@@ -148,13 +163,21 @@ impl CreatePaymentBody {
     }
 }
 
-/// `GetPayment` takes no input; the seed sends `{}`, which is accepted, as is no body at all.
+/// Takes no input: no body, or a JSON object (the seed sends `{}`), whose fields are ignored.
 #[derive(Debug, JsonSchema)]
 pub struct NoInput {}
 
-/// The body must be a JSON object; an empty body is `{}` where `empty_ok`.
+impl NoInput {
+    /// Checks a `GetPayment` body: absent or a JSON object, as the schema says.
+    pub fn parse(body: &[u8]) -> Result<Self, PaymentError> {
+        parse_object(body, true).map(|_| Self {})
+    }
+}
+
+/// The body must be a JSON object; no body at all is `{}` where `empty_ok`. Whitespace is not
+/// "no body": it is not JSON.
 fn parse_object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, PaymentError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if body.is_empty() {
         return if empty_ok {
             Ok(Map::new())
         } else {
@@ -175,37 +198,44 @@ fn parse_object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, Payme
     }
 }
 
-/// An amount must be a JSON integer in `1..=MAX_AMOUNT`; `100`, not `"100"` or `100.5`.
-fn parse_amount(value: &Value) -> Result<Amount, PaymentError> {
+/// A count of minor units in `0..=MAX_AMOUNT`, written as a JSON integer. As in JSON Schema,
+/// an integer is any number without a fractional part: `100`, `100.0` and `1e2` are all 100
+/// (a client's JSON library may write whole numbers either way); `"100"` and `100.5` are not.
+/// Exact: every integer up to `MAX_AMOUNT` is exact in an `f64`.
+fn whole_units(value: &Value) -> Result<u64, PaymentError> {
     let Value::Number(n) = value else {
         return Err(PaymentError::invalid(format!(
             "amount must be an integer of minor units, got {}",
             json_type(value)
         )));
     };
-    if let Some(units) = n.as_u64() {
-        return Amount::new(units);
-    }
-    if n.as_i64().is_some() {
+    let units = match (n.as_u64(), n.as_f64()) {
+        (Some(units), _) => units,
+        (None, Some(f)) if f < 0.0 => {
+            return Err(PaymentError::invalid(format!(
+                "amount must be positive, got {n}"
+            )));
+        }
+        (None, Some(f)) if f.fract() != 0.0 => {
+            return Err(PaymentError::invalid(format!(
+                "amount must be a whole number of minor units (10000 = 100.00), got {n}"
+            )));
+        }
+        // Whole and at most 2^64 here; anything above MAX_AMOUNT saturates and is refused below.
+        (None, Some(f)) => f as u64,
+        (None, None) => {
+            return Err(PaymentError::invalid(format!(
+                "amount must be an integer of minor units, got {n}"
+            )));
+        }
+    };
+    if units > super::MAX_AMOUNT {
         return Err(PaymentError::invalid(format!(
-            "amount must be positive, got {n}"
-        )));
-    }
-    match n.as_f64() {
-        Some(f) if f < 0.0 => Err(PaymentError::invalid(format!(
-            "amount must be positive, got {n}"
-        ))),
-        Some(f) if f.fract() != 0.0 => Err(PaymentError::invalid(format!(
-            "amount must be a whole number of minor units (10000 = 100.00), got {n}"
-        ))),
-        Some(f) if f > super::MAX_AMOUNT as f64 => Err(PaymentError::invalid(format!(
             "amount must be at most {} minor units, got {n}",
             super::MAX_AMOUNT
-        ))),
-        _ => Err(PaymentError::invalid(format!(
-            "amount must be written as an integer, without a decimal point or exponent, got {n}"
-        ))),
+        )));
     }
+    Ok(units)
 }
 
 /// A string field that may be absent or null; any other JSON type is refused.
@@ -299,7 +329,6 @@ mod tests {
             (r#"{"amount": -5}"#, "positive"),
             (r#"{"amount": -5.5}"#, "positive"),
             (r#"{"amount": 10.5}"#, "whole number"),
-            (r#"{"amount": 10.0}"#, "written as an integer"),
             (r#"{"amount": "100"}"#, "got a string"),
             (r#"{"amount": true}"#, "got a boolean"),
             (r#"{"amount": [1]}"#, "got an array"),
@@ -312,6 +341,25 @@ mod tests {
             assert!(msg.contains(expected), "{body}: {msg}");
         }
         assert!(new_payment(r#"{"amount": 1000000000000}"#).is_ok());
+    }
+
+    #[test]
+    fn whole_numbers_are_integers_as_in_json_schema() {
+        for (body, units) in [
+            (r#"{"amount": 16764429.0}"#, 16_764_429),
+            (r#"{"amount": 1e2}"#, 100),
+            (r#"{"amount": 1.0e12}"#, 1_000_000_000_000),
+        ] {
+            assert_eq!(
+                new_payment(body).unwrap().amount.minor_units(),
+                units,
+                "{body}"
+            );
+        }
+        let parse = |s: &str| RefundRequest::parse(s.as_bytes()).unwrap().amount;
+        assert_eq!(parse(r#"{"amount": 0.0}"#), RefundAmount::Full);
+        assert_eq!(parse(r#"{"amount": -0.0}"#), RefundAmount::Full);
+        assert!(message(new_payment(r#"{"amount": -0.0}"#)).contains("positive"));
     }
 
     #[test]
@@ -329,6 +377,11 @@ mod tests {
     #[test]
     fn refuses_malformed_bodies() {
         assert!(message(new_payment("")).contains("required"));
+        // Whitespace is a body, and not JSON.
+        assert!(message(new_payment("  ")).contains("not valid JSON"));
+        assert!(message(RefundRequest::parse(b" \n")).contains("not valid JSON"));
+        assert!(NoInput::parse(b"").is_ok() && NoInput::parse(b"{\"x\": 1}").is_ok());
+        assert!(message(NoInput::parse(b"[1]")).contains("JSON object"));
         assert!(message(new_payment("{\"amount\": 1")).contains("not valid JSON"));
         assert!(message(new_payment("[1, 2]")).contains("JSON object"));
         assert!(message(new_payment("\"hello\"")).contains("JSON object"));

@@ -8,10 +8,11 @@ use bytes::Bytes;
 use restate_sdk::serde::{Deserialize, InputMetadata, PayloadMetadata, Serialize};
 use schemars::JsonSchema;
 
-/// A JSON request body, not yet parsed. `S` only documents the expected shape: its JSON schema
-/// is published to Restate (and so to the admin API's OpenAPI). The body is optional at the
-/// ingress (`GetPayment` is called both with `{}` and with no body); handlers that need one
-/// say so with a 400.
+use crate::payment::{CreatePaymentBody, NoInput, RefundPaymentBody};
+
+/// A JSON request body, not yet parsed. `S` documents the expected shape: its JSON schema,
+/// and whether a body is required, are published to Restate (and so to the admin API's
+/// OpenAPI); the handler's parser accepts exactly that.
 pub struct JsonBody<S> {
     bytes: Bytes,
     shape: PhantomData<fn() -> S>,
@@ -42,7 +43,26 @@ impl<S> Serialize for JsonBody<S> {
     }
 }
 
-impl<S: JsonSchema> PayloadMetadata for JsonBody<S> {
+/// A request body's shape: its schema, and whether the request needs a body at all.
+pub trait BodyShape: JsonSchema {
+    const REQUIRED: bool;
+}
+
+impl BodyShape for CreatePaymentBody {
+    const REQUIRED: bool = true;
+}
+
+/// No body refunds in full, with no reason.
+impl BodyShape for RefundPaymentBody {
+    const REQUIRED: bool = false;
+}
+
+/// The seed calls `GetPayment` with `{}`; no body at all is as good.
+impl BodyShape for NoInput {
+    const REQUIRED: bool = false;
+}
+
+impl<S: BodyShape> PayloadMetadata for JsonBody<S> {
     fn json_schema() -> Option<serde_json::Value> {
         Some(schemars::schema_for!(S).to_value())
     }
@@ -50,7 +70,7 @@ impl<S: JsonSchema> PayloadMetadata for JsonBody<S> {
     fn input_metadata() -> InputMetadata {
         InputMetadata {
             accept_content_type: "application/json",
-            is_required: false,
+            is_required: S::REQUIRED,
         }
     }
 }

@@ -99,8 +99,13 @@ impl PaymentService {
     async fn get_payment(
         &self,
         ctx: SharedObjectContext<'_>,
-        _body: JsonBody<NoInput>,
+        body: JsonBody<NoInput>,
     ) -> Result<Json<Payment>, TerminalError> {
+        if let Err(e) = NoInput::parse(body.as_bytes()) {
+            let result = Err(e.into());
+            log_refusal(ctx.key(), &result);
+            return result;
+        }
         let result = match ctx.get(STATE_PAYMENT).await {
             Ok(stored) => match decode::<Payment>(ctx.key(), STATE_PAYMENT, stored) {
                 Ok(Some(payment)) => Ok(Json(payment)),

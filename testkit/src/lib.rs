@@ -16,6 +16,7 @@
 //! | [`load`]    | the load engine: closed loop, scheduled, latency histograms, process CPU and memory |
 //! | [`bench`]   | the benchmark against the floor (`stackctl bench`, README "Performance")    |
 //! | [`measure`] | the cluster measurements under faults (`stackctl measure`, "What survives what") |
+//! | [`schema`]  | the published request schemas as an oracle, and a fuzzer driven by them    |
 //! | [`crash`]   | the crash test: plan, clients, kills, audit (a `Violation` enum), report   |
 //! | [`cli`]     | `stackctl stack` and `stackctl cluster`: stacks in the foreground, on fixed ports |
 //!
@@ -33,4 +34,5 @@ pub mod measure;
 pub mod paths;
 pub mod ports;
 pub mod process;
+pub mod schema;
 pub mod stack;

@@ -10,5 +10,6 @@ mod errors;
 mod gateway_errors;
 mod helpers;
 mod logging;
+mod schema;
 mod signing;
 mod walkthrough;
