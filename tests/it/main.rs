@@ -11,4 +11,5 @@ mod gateway_errors;
 mod helpers;
 mod logging;
 mod signing;
+mod upgrade;
 mod walkthrough;
