@@ -2,7 +2,8 @@
 #   docker build -t payment-service .
 #   docker run --rm -p 9090:9090 payment-service
 # Then register http://<host>:9090 with a Restate server (docker-compose.yml
-# does all of this for you).
+# does all of this for you). With DEPLOYMENT_VERSION=<v> (one per build) it
+# serves only under /<v>/: register http://<host>:9090/<v>, a new deployment.
 
 # Same toolchain as development and CI (Cargo.toml's rust-version is the floor).
 ARG RUST_VERSION=1.95

@@ -23,6 +23,13 @@ pub struct Config {
     #[arg(long, env = "IDENTITY_KEYS", value_delimiter = ',')]
     pub identity_keys: Vec<String>,
 
+    /// This build's deployment version, one URL path segment (e.g. `v2` or a commit hash).
+    /// When set, the endpoint serves only under `/<version>/`: register it as
+    /// `http://<this host>:9090/<version>`, a new Restate deployment per build, and requests
+    /// for another build's path get 404 (invocations started on an older build stay there).
+    #[arg(long, env = "DEPLOYMENT_VERSION", value_parser = parse_version)]
+    pub deployment_version: Option<String>,
+
     /// Threads that run the handlers and the HTTP/2 connections (tokio workers). One serves
     /// well over a thousand payments a second: the service's own work is ~150 µs of CPU per
     /// payment, the rest is waiting for restate-server. More threads only pay off for CPU-heavy
@@ -100,6 +107,19 @@ impl MockConfig {
             args.push("--gateway-unsafe-ignore-idempotency-keys".to_owned());
         }
         args
+    }
+}
+
+fn parse_version(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "must be one URL path segment of letters, digits, '-', '_' or '.', got {s:?}"
+        ))
     }
 }
 

@@ -29,7 +29,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if config.identity_keys.is_empty() {
         tracing::info!("no identity keys: any caller that reaches this port can invoke handlers");
     }
-    server::serve(listener, endpoint, server::shutdown_signal()).await;
+    match &config.deployment_version {
+        Some(version) => tracing::info!(%version, "serving only under /{version}/"),
+        None => tracing::info!("no deployment version: serving under any path"),
+    }
+    server::serve_version(
+        listener,
+        endpoint,
+        config.deployment_version.as_deref(),
+        server::shutdown_signal(),
+    )
+    .await;
     tracing::info!("payment-service stopped");
     Ok(())
 }

@@ -4,10 +4,15 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 use hyper::server::conn::http2;
+use hyper::service::Service;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
-use restate_sdk::endpoint::Endpoint;
+use restate_sdk::endpoint::{Endpoint, ResponseBody};
 use restate_sdk::hyper::HyperEndpoint;
 use tokio::net::{TcpListener, TcpSocket};
 
@@ -63,7 +68,18 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// (e.g. out of file descriptors). Here a failed accept is logged and retried, backing off from
 /// 10 ms to 1 s, so the service serves again as soon as descriptors are free.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: impl Future) {
-    let endpoint = HyperEndpoint::new(endpoint);
+    serve_version(listener, endpoint, None, shutdown).await
+}
+
+/// [`serve`], answering only requests under `/<version>/` when `version` is set (see
+/// [`Versioned`]).
+pub async fn serve_version(
+    listener: TcpListener,
+    endpoint: Endpoint,
+    version: Option<&str>,
+    shutdown: impl Future,
+) {
+    let endpoint = Versioned::new(HyperEndpoint::new(endpoint), version);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -95,6 +111,56 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: impl Fut
         _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {
             tracing::warn!("timed out waiting for connections to close");
         }
+    }
+}
+
+/// The endpoint of one build, registered as `http://<host>:<port>/<version>`. The SDK finds
+/// the service and handler in the last segments of the path, whatever comes before them, so
+/// without this check a build would also run the invocations Restate pinned to another
+/// build's deployment (`/<old version>/invoke/...`), replaying their journals on code they
+/// were not written by. Such a request is answered 404; Restate retries it until the build it
+/// belongs to answers again.
+#[derive(Clone)]
+pub struct Versioned {
+    endpoint: HyperEndpoint,
+    /// `/<version>/`
+    prefix: Option<Arc<str>>,
+}
+
+impl Versioned {
+    pub fn new(endpoint: HyperEndpoint, version: Option<&str>) -> Self {
+        Self {
+            endpoint,
+            prefix: version.map(|v| format!("/{v}/").into()),
+        }
+    }
+}
+
+impl Service<Request<Incoming>> for Versioned {
+    type Response = Response<Either<ResponseBody, Full<Bytes>>>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        if let Some(prefix) = &self.prefix
+            && !req.uri().path().starts_with(&**prefix)
+        {
+            tracing::warn!(
+                path = req.uri().path(),
+                serves = &**prefix,
+                "refused a request for another deployment's path"
+            );
+            let body = format!(
+                "this build serves the deployment under {prefix}, not {}\n",
+                req.uri().path()
+            );
+            let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+            *response.status_mut() = hyper::StatusCode::NOT_FOUND;
+            return std::future::ready(Ok(response));
+        }
+        // The SDK's future is a ready one: its answer is there at once.
+        let Ok(response) = self.endpoint.call(req).into_inner();
+        std::future::ready(Ok(response.map(Either::Left)))
     }
 }
 

@@ -77,13 +77,19 @@ impl Admin {
             .is_ok_and(|r| r.status().is_success())
     }
 
-    /// `POST /deployments {uri, force: true}`: one attempt; the deployment's ID.
+    /// `POST /deployments {uri}`, without `force`: one attempt; the deployment's ID. Each build
+    /// is registered under a URI of its own (see `Config::deployment_version`): a new URI makes
+    /// a new deployment, and invocations already started stay pinned to the deployment they
+    /// started on. Restate 1.7 answers a URI it knows with 200 and that deployment's ID,
+    /// unchanged even if the endpoint behind the URI now serves other handlers (measured);
+    /// `force` would overwrite the deployment in place, under the feet of its in-flight
+    /// invocations.
     pub fn register(&self, uri: &str) -> anyhow::Result<String> {
         let url = format!("{}/deployments", self.url);
         let response = self
             .http
             .post(&url)
-            .json(&json!({ "uri": uri, "force": true }))
+            .json(&json!({ "uri": uri }))
             .send()
             .with_context(|| format!("POST {url}"))?;
         let status = response.status();
@@ -92,6 +98,50 @@ impl Admin {
             bail!("registering {uri}: HTTP {status}: {body}");
         }
         Ok(body["id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// The registered deployments: ID → URI.
+    pub fn deployments(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let url = format!("{}/deployments", self.url);
+        let body: Value = self
+            .http
+            .get(&url)
+            .send()
+            .with_context(|| format!("GET {url}"))?
+            .error_for_status()?
+            .json()?;
+        Ok(body["deployments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                let field = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+                (field("id"), field("uri"))
+            })
+            .collect())
+    }
+
+    /// The deployment invocation `id` is pinned to (`None` until it has started on one).
+    pub fn pinned_deployment(&self, id: &str) -> anyhow::Result<Option<String>> {
+        let rows = self.query(&format!(
+            "SELECT pinned_deployment_id FROM sys_invocation WHERE id = {}",
+            sql_str(id)
+        ))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r["pinned_deployment_id"].as_str())
+            .map(str::to_owned))
+    }
+
+    /// How many `PaymentService` invocations pinned to deployment `id` have not completed
+    /// (0: the deployment is drained and its build may stop).
+    pub fn unfinished_on(&self, deployment_id: &str) -> anyhow::Result<u64> {
+        let rows = self.query(&format!(
+            "SELECT count(*) AS n FROM sys_invocation WHERE target_service_name = '{SERVICE}' \
+             AND status != 'completed' AND pinned_deployment_id = {}",
+            sql_str(deployment_id)
+        ))?;
+        Ok(rows.first().and_then(|r| r["n"].as_u64()).unwrap_or(0))
     }
 
     /// Replaces one payment's whole state with `state` (key, bytes): the admin API applies it

@@ -171,6 +171,8 @@ pub fn floor() -> anyhow::Result<ExtraService> {
         name: "bench-floor".into(),
         bin: paths::workspace_bin("BENCH_FLOOR_BIN", "bench-floor")?,
         args: Vec::new(),
+        version: None,
+        register: true,
     })
 }
 

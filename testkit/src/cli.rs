@@ -296,14 +296,45 @@ fn start_fixed(
         "stackctl: starting {nodes_n} Restate node(s) and payment-service (logs in {})",
         dir.display()
     );
-    Stack::builder()
+    let mut builder = Stack::builder()
         .nodes(nodes_n)
         .dir(dir)
         .fixed_ports(nodes, service_port)
         .cluster_name(name)
         .gateway(gateway)
-        .identity_keys(config.identity_keys)
-        .start()
+        .identity_keys(config.identity_keys);
+    // Unset: the build's own version (a new build, a new deployment; see `build_version`).
+    if let Some(version) = config.deployment_version {
+        builder = builder.deployment_version(version);
+    }
+    let stack = builder.start()?;
+    warn_of_older_builds(&stack);
+    Ok(stack)
+}
+
+/// Says which older builds' deployments (kept in the data folder) still have invocations in
+/// flight: pinned to their deployment, they wait for that build, which this stack no longer
+/// runs (this build refuses their path).
+fn warn_of_older_builds(stack: &Stack) {
+    let admin = stack.live_admin();
+    let current = stack.service_url();
+    let Ok(deployments) = admin.deployments() else {
+        return;
+    };
+    for (id, uri) in deployments {
+        if uri.trim_end_matches('/') == current {
+            continue;
+        }
+        match admin.unfinished_on(&id) {
+            Ok(0) | Err(_) => {}
+            Ok(n) => eprintln!(
+                "stackctl: {n} invocation(s) started on an older build (deployment {id}, {uri}) \
+                 wait for it: Restate retries them there until they pause. Run that build again \
+                 until they finish, or cancel them (restate invocations cancel); then \
+                 `restate deployments remove {id}`."
+            ),
+        }
+    }
 }
 
 /// Blocks until SIGINT, SIGTERM or SIGHUP, reporting processes that die by themselves; with

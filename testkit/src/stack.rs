@@ -70,12 +70,19 @@ impl NodePorts {
     }
 }
 
-/// A deployment besides payment-service, e.g. the benchmark's floor.
+/// A deployment besides payment-service, e.g. the benchmark's floor, or another build of the
+/// service (an upgrade).
 #[derive(Debug, Clone)]
 pub struct ExtraService {
     pub name: String,
     pub bin: PathBuf,
     pub args: Vec<String>,
+    /// A payment-service build's deployment version: it gets `--deployment-version=<v>` and its
+    /// URL ends in `/<v>`. `None` for an endpoint that serves under any path (the floor).
+    pub version: Option<String>,
+    /// Registered when the stack starts; `false`: started only, for the test to register
+    /// ([`Stack::register`]), as a new build is.
+    pub register: bool,
 }
 
 /// What to start (see [`Stack::builder`]).
@@ -88,6 +95,7 @@ pub struct StackBuilder {
     gateway: MockConfig,
     service_env: Vec<(String, String)>,
     identity_keys: Vec<String>,
+    deployment_version: Option<String>,
     extras: Vec<ExtraService>,
     dir: Option<PathBuf>,
     fixed_ports: Option<(Vec<NodePorts>, u16)>,
@@ -148,7 +156,14 @@ impl StackBuilder {
         self
     }
 
-    /// Another deployment to start and register (it gets `--bind <addr>`).
+    /// The service's deployment version (its URL's path; see `Config::deployment_version`).
+    /// Default: [`build_version`] of its binary, so a new build is a new deployment.
+    pub fn deployment_version(mut self, version: impl Into<String>) -> Self {
+        self.deployment_version = Some(version.into());
+        self
+    }
+
+    /// Another deployment to start and (if it says so) register; it gets `--bind <addr>`.
     pub fn extra_service(mut self, extra: ExtraService) -> Self {
         self.extras.push(extra);
         self
@@ -251,8 +266,10 @@ impl StackBuilder {
                     extra.args.clone(),
                     Vec::new(),
                     port,
+                    extra.version.as_deref(),
                     dir,
-                ))
+                )
+                .registered(extra.register))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let ingresses: Vec<String> = node_ports
@@ -378,12 +395,17 @@ impl StackBuilder {
         if !self.identity_keys.is_empty() {
             args.push(format!("--identity-keys={}", self.identity_keys.join(",")));
         }
+        let version = match &self.deployment_version {
+            Some(version) => version.clone(),
+            None => build_version(&bin)?,
+        };
         Ok(Deployment::new(
             "payment-service",
             bin,
             args,
             self.service_env.clone(),
             port,
+            Some(&version),
             dir,
         ))
     }
@@ -399,8 +421,11 @@ pub struct Node {
 /// A deployment process (payment-service or an extra one) on a fixed port.
 struct Deployment {
     proc: Restartable,
+    /// As registered: `http://127.0.0.1:<port>[/<version>]`.
     url: String,
     port: u16,
+    /// Registered when the stack starts.
+    register: bool,
 }
 
 impl Deployment {
@@ -410,15 +435,18 @@ impl Deployment {
         args: Vec<String>,
         env: Vec<(String, String)>,
         port: u16,
+        version: Option<&str>,
         dir: &Path,
     ) -> Self {
         let log = dir.join(format!("{name}.log"));
+        let version_arg = version.map(|v| format!("--deployment-version={v}"));
         let proc = Restartable::new(name, log, move || {
             let mut cmd = Command::new(&bin);
             // The service's own variables must not leak in from the caller's environment:
             // the flags say everything.
             for var in [
                 "BIND_ADDR",
+                "DEPLOYMENT_VERSION",
                 "IDENTITY_KEYS",
                 "GATEWAY_DELAY_MS",
                 "GATEWAY_DECLINE_RATE",
@@ -430,6 +458,7 @@ impl Deployment {
                 cmd.env_remove(var);
             }
             cmd.arg(format!("--bind=127.0.0.1:{port}"))
+                .args(&version_arg)
                 .args(&args)
                 .env(
                     "RUST_LOG",
@@ -438,11 +467,18 @@ impl Deployment {
                 .envs(env.iter().map(|(k, v)| (k, v)));
             cmd
         });
+        let path = version.map(|v| format!("/{v}")).unwrap_or_default();
         Self {
             proc,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://127.0.0.1:{port}{path}"),
             port,
+            register: true,
         }
+    }
+
+    fn registered(mut self, register: bool) -> Self {
+        self.register = register;
+        self
     }
 
     /// Starts it and waits until it accepts connections; how long that took.
@@ -502,6 +538,7 @@ impl Stack {
             gateway: MockConfig::default(),
             service_env: Vec::new(),
             identity_keys: Vec::new(),
+            deployment_version: None,
             extras: Vec::new(),
             dir: None,
             fixed_ports: None,
@@ -525,7 +562,9 @@ impl Stack {
             self.wait_healthy(i, deadline)?;
         }
         for deployment in std::iter::once(&self.service).chain(&self.extras) {
-            self.register(&deployment.url)?;
+            if deployment.register {
+                self.register(&deployment.url)?;
+            }
         }
         for i in 0..self.nodes.len() {
             self.wait_serving(i, deadline)?;
@@ -580,7 +619,7 @@ impl Stack {
             .unwrap_or_else(|| self.admin(0))
     }
 
-    /// The service's URL as registered.
+    /// The service's URL as registered (`http://127.0.0.1:<port>/<deployment version>`).
     pub fn service_url(&self) -> &str {
         &self.service.url
     }
@@ -697,7 +736,8 @@ impl Stack {
     }
 
     /// Starts the service on its port and ledger (it must be down); returns once it accepts
-    /// connections, with how long that took.
+    /// connections, with how long that took. Not registered again: it is the same build at the
+    /// same URL, the deployment Restate already knows (and would answer 200, unchanged).
     pub fn start_service(&self) -> anyhow::Result<Duration> {
         self.service.start()
     }
@@ -825,9 +865,10 @@ impl Stack {
         Ok(())
     }
 
-    /// Registers `uri` through a node's admin API (node 1 first), until accepted: a new
-    /// cluster may answer 5xx for a while.
-    fn register(&self, uri: &str) -> anyhow::Result<()> {
+    /// Registers `uri` (without `force`: see [`Admin::register`]) through a node's admin API
+    /// (node 1 first), until accepted: a new cluster may answer 5xx for a while. The
+    /// deployment's ID.
+    pub fn register(&self, uri: &str) -> anyhow::Result<String> {
         let deadline = Instant::now() + REGISTER_TIMEOUT;
         let mut last = String::new();
         for attempt in 0usize.. {
@@ -835,7 +876,7 @@ impl Stack {
                 bail!("{died}\n{}", self.logs());
             }
             match self.admin(attempt % self.nodes.len()).register(uri) {
-                Ok(_) => return Ok(()),
+                Ok(id) => return Ok(id),
                 Err(e) => last = format!("{e:#}"),
             }
             if Instant::now() >= deadline {
@@ -862,6 +903,36 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A build's deployment version: `build-` and a digest of the binary's size and modification
+/// time. Cargo writes the binary anew when it links a changed build, and leaves it alone
+/// otherwise, so the same build keeps its version (and its deployment) across runs on a kept
+/// data folder, and a new build is registered as a new deployment. (Hashing the contents
+/// would read ~100 MB of debug binary at every start.)
+pub fn build_version(bin: &Path) -> anyhow::Result<String> {
+    use std::hash::{Hash, Hasher};
+    let meta =
+        std::fs::metadata(bin).map_err(|e| anyhow::anyhow!("reading {}: {e}", bin.display()))?;
+    let modified = meta
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // FNV-1a: the same digest from every Rust version (std's hashers promise no such thing).
+    struct Fnv(u64);
+    impl Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    (meta.len(), modified.as_secs(), modified.subsec_nanos()).hash(&mut h);
+    Ok(format!("build-{:012x}", h.finish() & 0xffff_ffff_ffff))
 }
 
 /// Polls `ready` every 25 ms until it says `true`, fails, or `timeout` passes.

@@ -12,4 +12,5 @@ mod helpers;
 mod logging;
 mod schema;
 mod signing;
+mod upgrade;
 mod walkthrough;
