@@ -1,6 +1,9 @@
 # payment-service container image.
 #   docker build -t payment-service .
-#   docker run --rm -p 9090:9090 payment-service
+#   docker run --rm -p 9090:9090 -e IDENTITY_KEYS=publickeyv1_... payment-service
+# It binds 0.0.0.0, so it refuses to start without the Restate server's public
+# key (scripts/identity-public-key.sh), or ALLOW_UNSIGNED=true on a network
+# only Restate can reach.
 # Then register http://<host>:9090 with a Restate server (docker-compose.yml
 # does all of this for you). With DEPLOYMENT_VERSION=<v> (one per build) it
 # serves only under /<v>/: register http://<host>:9090/<v>, a new deployment.

@@ -13,9 +13,16 @@ use crate::gateway::MockConfig;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "payment-service", version, about)]
 pub struct Config {
-    /// Address to listen on for the Restate server (HTTP/2 cleartext).
-    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0:9090")]
+    /// Address to listen on for the Restate server (HTTP/2 cleartext). Loopback by default:
+    /// any other address needs `--identity-keys` or `--allow-unsigned`.
+    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:9090")]
     pub bind: SocketAddr,
+
+    /// Serve a non-loopback address without identity keys: every caller that reaches the port
+    /// is trusted with everything, the invocation's state included. Only on a network where
+    /// Restate is the only other party.
+    #[arg(long, env = "ALLOW_UNSIGNED")]
+    pub allow_unsigned: bool,
 
     /// Restate request-identity public keys (`publickeyv1_…`, comma-separated). When set, only
     /// requests signed by a Restate server holding a matching private key are served; others
@@ -110,6 +117,25 @@ impl MockConfig {
     }
 }
 
+impl Config {
+    /// Refuses to serve unsigned requests on an address others may reach, unless told to: an
+    /// unsigned caller can invoke any handler with state of its own making (e.g. make
+    /// `RefundPayment` act on a payment that does not exist).
+    pub fn check_signing(&self) -> Result<(), String> {
+        if self.identity_keys.is_empty() && !self.bind.ip().is_loopback() && !self.allow_unsigned {
+            return Err(format!(
+                "refusing to serve {} without identity keys: any caller that reaches this port \
+                 could invoke handlers, with state of its own making. Give the Restate server's \
+                 public key (--identity-keys / IDENTITY_KEYS; scripts/identity-public-key.sh \
+                 prints it), bind a loopback address, or, on a network only Restate can reach, \
+                 pass --allow-unsigned (ALLOW_UNSIGNED=true)",
+                self.bind
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn parse_version(s: &str) -> Result<String, String> {
     if !s.is_empty()
         && s.bytes()
@@ -137,9 +163,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unsigned_only_on_loopback_unless_allowed() {
+        let check = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("payment-service").chain(args.iter().copied()))
+                .unwrap()
+                .check_signing()
+        };
+        assert!(check(&[]).is_ok());
+        assert!(check(&["--bind", "[::1]:9090"]).is_ok());
+        let refused = check(&["--bind", "0.0.0.0:9090"]).unwrap_err();
+        assert!(refused.contains("without identity keys"), "{refused}");
+        assert!(check(&["--bind", "10.0.0.5:9090"]).is_err());
+        assert!(check(&["--bind", "0.0.0.0:9090", "--allow-unsigned"]).is_ok());
+        assert!(check(&["--bind", "0.0.0.0:9090", "--identity-keys", "publickeyv1_x"]).is_ok());
+    }
+
+    #[test]
     fn defaults_match_the_seed() {
         let config = Config::try_parse_from(["payment-service"]).unwrap();
-        assert_eq!(config.bind, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(config.bind, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(config.gateway_delay_ms, 100);
         assert_eq!(config.gateway_decline_rate, 0.1);
         assert_eq!(config.gateway_error_rate, 0.0);

@@ -9,6 +9,10 @@ use payment_service::{config::Config, gateway::MockGateway, server, telemetry};
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init();
+    if let Err(refusal) = config.check_signing() {
+        tracing::error!("{refusal}");
+        anyhow::bail!(refusal);
+    }
     server::runtime(config.worker_threads.into())
         .context("starting the async runtime")?
         .block_on(run(config))

@@ -62,3 +62,63 @@ fn signed_calls_succeed_and_unsigned_ones_are_refused() {
         .unwrap();
     assert_eq!(forged.status().as_u16(), 401);
 }
+
+/// Unsigned is not the default: without identity keys the service refuses to listen where
+/// others may reach it, and says why; loopback, or `--allow-unsigned`, it serves.
+#[test]
+fn unsigned_serving_on_an_open_address_is_refused_unless_allowed() {
+    let bin = testkit::paths::payment_service().unwrap();
+    let start = |extra: &[&str]| {
+        let port = testkit::ports::pick().unwrap();
+        let child = std::process::Command::new(&bin)
+            .arg(format!("--bind=0.0.0.0:{port}"))
+            .args(extra)
+            .env_remove("IDENTITY_KEYS")
+            .env_remove("ALLOW_UNSIGNED")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, port)
+    };
+    let exited_within = |child: &mut std::process::Child, limit: Duration| {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    };
+
+    let (mut refused, _) = start(&[]);
+    let Some(status) = exited_within(&mut refused, Duration::from_secs(10)) else {
+        refused.kill().unwrap();
+        panic!("the service served 0.0.0.0 without identity keys");
+    };
+    let output = refused.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    assert!(!status.success(), "{said}");
+    assert!(said.contains("without identity keys"), "{said}");
+    assert!(said.contains("--allow-unsigned"), "{said}");
+
+    let (mut allowed, port) = start(&["--allow-unsigned"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listening = loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break true;
+        }
+        if allowed.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = allowed.kill();
+    let output = allowed.wait_with_output().unwrap();
+    assert!(
+        listening,
+        "did not listen with --allow-unsigned: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
