@@ -4,11 +4,15 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
 use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
-use restate_sdk::endpoint::Endpoint;
-use restate_sdk::hyper::HyperEndpoint;
+use restate_sdk::endpoint::{Endpoint, HandleOptions, ProtocolMode, ResponseBody};
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::gateway::PaymentGateway;
@@ -63,7 +67,6 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// (e.g. out of file descriptors). Here a failed accept is logged and retried, backing off from
 /// 10 ms to 1 s, so the service serves again as soon as descriptors are free.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: impl Future) {
-    let endpoint = HyperEndpoint::new(endpoint);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -72,8 +75,12 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: impl Fut
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
+                    let endpoint = endpoint.clone();
+                    let service = service_fn(move |req| {
+                        std::future::ready(Ok::<_, std::convert::Infallible>(handle(&endpoint, req)))
+                    });
                     let conn = http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), endpoint.clone());
+                        .serve_connection(TokioIo::new(stream), service);
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
@@ -96,6 +103,67 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: impl Fut
             tracing::warn!("timed out waiting for connections to close");
         }
     }
+}
+
+/// The most bytes the service reads of one request: an invocation's whole request stream (its
+/// start message with the object's state, its input with the caller's headers, the journal
+/// replayed on a retry, the notifications that follow). The SDK buffers a protocol message
+/// whole, and nothing else bounds it (the protocol allows 4 GiB).
+///
+/// It must stay above the largest input Restate's ingress admits, as the SDK answers a stream
+/// cut off here with a retryable error, and Restate would retry that invocation: a body of up
+/// to 64 KiB (`request-size-limit` in restate/restate.toml) and up to ~512 KiB of headers
+/// (measured: HTTP/1.1 headers of 520 KB were admitted, of 540 KB refused with 431), which
+/// Restate forwards to the service with the input. 2 MiB is over 3x that; a PaymentService
+/// stream takes a few KiB. So this bound is for callers that reach the service's port directly.
+pub const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
+
+/// The SDK's handling of `req` (as the SDK's `HyperEndpoint` does it) with the request body
+/// bounded by [`MAX_REQUEST_BYTES`]: a body that says it is longer is refused with 413 before
+/// a byte of it is read; one that turns out longer is cut off there (the SDK then ends the
+/// invocation with an error naming the bound, and the HTTP/2 stream is reset).
+fn handle(
+    endpoint: &Endpoint,
+    req: Request<Incoming>,
+) -> Response<Either<ResponseBody, Full<Bytes>>> {
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|&len| len > MAX_REQUEST_BYTES as u64) {
+        tracing::warn!(
+            content_length = len,
+            "refused a request body over the bound"
+        );
+        let mut refused =
+            Response::new(Either::Right(Full::new(Bytes::from(too_large(Some(len))))));
+        *refused.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        refused.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain"),
+        );
+        return refused;
+    }
+    let req = req.map(|body| {
+        Limited::new(body, MAX_REQUEST_BYTES).map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                too_large(None).into()
+            } else {
+                e
+            }
+        })
+    });
+    let options = HandleOptions {
+        protocol_mode: ProtocolMode::BidiStream,
+    };
+    endpoint.handle_with_options(req, options).map(Either::Left)
+}
+
+fn too_large(declared: Option<u64>) -> String {
+    let size = declared.map_or("a request body".into(), |len| {
+        format!("a request body of {len} bytes")
+    });
+    format!("{size} is over the service's bound of {MAX_REQUEST_BYTES} bytes")
 }
 
 const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
