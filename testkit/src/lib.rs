@@ -15,6 +15,7 @@
 //! | [`ledger`]  | the gateway's ledger, read-only, per payment                               |
 //! | [`load`]    | the load engine: closed loop, scheduled, latency histograms, process CPU and memory |
 //! | [`bench`]   | the benchmark against the floor (`stackctl bench`, README "Performance")    |
+//! | [`bodies`]  | oversized request bodies, sent fast or slowly; `stackctl measure bodies` (README "Limits") |
 //! | [`measure`] | the cluster measurements under faults (`stackctl measure`, "What survives what") |
 //! | [`crash`]   | the crash test: plan, clients, kills, audit (a `Violation` enum), report   |
 //! | [`cli`]     | `stackctl stack` and `stackctl cluster`: stacks in the foreground, on fixed ports |
@@ -24,6 +25,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod bodies;
 pub mod cli;
 pub mod client;
 pub mod crash;
