@@ -120,8 +120,9 @@ pub const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
 
 /// The SDK's handling of `req` (as the SDK's `HyperEndpoint` does it) with the request body
 /// bounded by [`MAX_REQUEST_BYTES`]: a body that says it is longer is refused with 413 before
-/// a byte of it is read; one that turns out longer is cut off there (the SDK then ends the
-/// invocation with an error naming the bound, and the HTTP/2 stream is reset).
+/// a byte of it is read; one that turns out longer is read no further (the SDK has answered
+/// 200 by then, as it streams; it ends that answer, and logs "Handler failure" naming the
+/// bound).
 fn handle(
     endpoint: &Endpoint,
     req: Request<Incoming>,
