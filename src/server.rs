@@ -5,15 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::Service;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
-use restate_sdk::endpoint::{Endpoint, ResponseBody};
-use restate_sdk::hyper::HyperEndpoint;
+use restate_sdk::endpoint::{Endpoint, HandleOptions, ProtocolMode, ResponseBody};
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::gateway::PaymentGateway;
@@ -79,7 +78,7 @@ pub async fn serve_version(
     version: Option<&str>,
     shutdown: impl Future,
 ) {
-    let endpoint = Versioned::new(HyperEndpoint::new(endpoint), version);
+    let endpoint = Versioned::new(endpoint, version);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -122,13 +121,13 @@ pub async fn serve_version(
 /// belongs to answers again.
 #[derive(Clone)]
 pub struct Versioned {
-    endpoint: HyperEndpoint,
+    endpoint: Endpoint,
     /// `/<version>/`
     prefix: Option<Arc<str>>,
 }
 
 impl Versioned {
-    pub fn new(endpoint: HyperEndpoint, version: Option<&str>) -> Self {
+    pub fn new(endpoint: Endpoint, version: Option<&str>) -> Self {
         Self {
             endpoint,
             prefix: version.map(|v| format!("/{v}/").into()),
@@ -155,13 +154,73 @@ impl Service<Request<Incoming>> for Versioned {
                 req.uri().path()
             );
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
-            *response.status_mut() = hyper::StatusCode::NOT_FOUND;
+            *response.status_mut() = StatusCode::NOT_FOUND;
             return std::future::ready(Ok(response));
         }
-        // The SDK's future is a ready one: its answer is there at once.
-        let Ok(response) = self.endpoint.call(req).into_inner();
-        std::future::ready(Ok(response.map(Either::Left)))
+        std::future::ready(Ok(handle(&self.endpoint, req)))
     }
+}
+
+/// The most bytes the service reads of one request: an invocation's whole request stream (its
+/// start message with the object's state, its input with the caller's headers, the journal
+/// replayed on a retry, the notifications that follow). The SDK buffers a protocol message
+/// whole, and nothing else bounds it (the protocol allows 4 GiB).
+///
+/// It must stay above the largest input Restate's ingress admits, as the SDK answers a stream
+/// cut off here with a retryable error, and Restate would retry that invocation: a body of up
+/// to 64 KiB (`request-size-limit` in restate/restate.toml) and up to ~512 KiB of headers
+/// (measured: HTTP/1.1 headers of 520 KB were admitted, of 540 KB refused with 431), which
+/// Restate forwards to the service with the input. 2 MiB is over 3x that; a PaymentService
+/// stream takes a few KiB. So this bound is for callers that reach the service's port directly.
+pub const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
+
+/// The SDK's handling of `req` (as the SDK's `HyperEndpoint` does it) with the request body
+/// bounded by [`MAX_REQUEST_BYTES`]: a body that says it is longer is refused with 413 before
+/// a byte of it is read; one that turns out longer is read no further (the SDK has answered
+/// 200 by then, as it streams; it ends that answer, and logs "Handler failure" naming the
+/// bound).
+fn handle(
+    endpoint: &Endpoint,
+    req: Request<Incoming>,
+) -> Response<Either<ResponseBody, Full<Bytes>>> {
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|&len| len > MAX_REQUEST_BYTES as u64) {
+        tracing::warn!(
+            content_length = len,
+            "refused a request body over the bound"
+        );
+        let mut refused =
+            Response::new(Either::Right(Full::new(Bytes::from(too_large(Some(len))))));
+        *refused.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        refused.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain"),
+        );
+        return refused;
+    }
+    let req = req.map(|body| {
+        Limited::new(body, MAX_REQUEST_BYTES).map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                too_large(None).into()
+            } else {
+                e
+            }
+        })
+    });
+    let options = HandleOptions {
+        protocol_mode: ProtocolMode::BidiStream,
+    };
+    endpoint.handle_with_options(req, options).map(Either::Left)
+}
+
+fn too_large(declared: Option<u64>) -> String {
+    let size = declared.map_or("a request body".into(), |len| {
+        format!("a request body of {len} bytes")
+    });
+    format!("{size} is over the service's bound of {MAX_REQUEST_BYTES} bytes")
 }
 
 const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);

@@ -15,6 +15,7 @@
 //! | [`ledger`]  | the gateway's ledger, read-only, per payment                               |
 //! | [`load`]    | the load engine: closed loop, scheduled, latency histograms, process CPU and memory |
 //! | [`bench`]   | the benchmark against the floor (`stackctl bench`, README "Performance")    |
+//! | [`bodies`]  | oversized request bodies, sent fast or slowly; `stackctl measure bodies` (README "Limits") |
 //! | [`measure`] | the cluster measurements under faults (`stackctl measure`, "What survives what") |
 //! | [`schema`]  | the published request schemas as an oracle, and a fuzzer driven by them    |
 //! | [`crash`]   | the crash test: plan, clients, kills, audit (a `Violation` enum), report   |
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod bodies;
 pub mod cli;
 pub mod client;
 pub mod crash;

@@ -10,6 +10,7 @@
 //! | `one-down` | SIGKILL node 2 at 20 s, start it again at 50 s; load until 140 s              |
 //! | `two-down` | SIGKILL node 2 at 15 s and node 3 at 20 s (no quorum), start node 2 at 40 s, node 3 at 70 s; load until 100 s |
 //! | `bench`    | the benchmark (`stackctl bench`'s standard mode) through node 1's ingress, the floor registered too |
+//! | `bodies`   | not in the default five: one node; a 10 MB body and a 1 GiB slow one, through the ingress and to the service's port; memory before, during, after ([`crate::bodies`]) |
 //!
 //! Every scenario but `bench` ends with the verification: every payment acknowledged with 200
 //! is there (GetPayment) with the same chargeId; every other request left no payment or a
@@ -30,6 +31,7 @@ use payment_service::gateway::MockConfig;
 use serde_json::{Value, json};
 
 use crate::bench::{self, BenchArgs, Report};
+use crate::bodies;
 use crate::client::{CREATE, CallError, GET, PaymentClient, is_not_found};
 use crate::ledger::{LedgerOp, LedgerOutcome, read_ledger};
 use crate::load::{self, ClosedLoop, Latency, Outcome, Record, Run};
@@ -51,12 +53,13 @@ pub enum Scenario {
     OneDown,
     TwoDown,
     Bench,
+    Bodies,
 }
 
 /// Options of `stackctl measure`.
 #[derive(Debug, clap::Args)]
 pub struct MeasureArgs {
-    /// Scenarios to run, each on a fresh stack [default: all five].
+    /// Scenarios to run, each on a fresh stack [default: all five but bodies].
     #[arg(value_enum)]
     pub scenarios: Vec<Scenario>,
     /// Load workers per ingress.
@@ -93,6 +96,19 @@ pub struct MeasureArgs {
     /// The bench scenario: seconds per concurrency-1 scenario (0 skips them).
     #[arg(long, default_value_t = 10)]
     pub bench_latency_duration: u64,
+    /// The bodies scenario: KiB per chunk of the slow bodies.
+    #[arg(long, default_value_t = 64)]
+    pub body_chunk_kib: usize,
+    /// The bodies scenario: milliseconds between the slow bodies' chunks.
+    #[arg(long, default_value_t = 10)]
+    pub body_pace_ms: u64,
+    /// The service binary to run instead of this build's (e.g. an older build, to compare).
+    #[arg(long)]
+    pub service_bin: Option<std::path::PathBuf>,
+    /// Runs restate-server with its stock settings instead of restate/restate.toml and
+    /// restate/cluster/cluster.toml (e.g. its 32 MiB ingress body limit).
+    #[arg(long)]
+    pub stock_restate: bool,
 }
 
 /// `stackctl measure`: the scenarios, one after the other; an error names those that failed.
@@ -131,6 +147,7 @@ fn scenario_name(s: Scenario) -> &'static str {
         Scenario::OneDown => "one-down",
         Scenario::TwoDown => "two-down",
         Scenario::Bench => "bench",
+        Scenario::Bodies => "bodies",
     }
 }
 
@@ -166,7 +183,11 @@ impl Fault {
 }
 
 fn run_scenario(args: &MeasureArgs, scenario: Scenario, dir: &Path) -> anyhow::Result<()> {
-    let nodes = if scenario == Scenario::Single { 1 } else { 3 };
+    let nodes = if matches!(scenario, Scenario::Single | Scenario::Bodies) {
+        1
+    } else {
+        3
+    };
     let mut builder = Stack::builder()
         .nodes(nodes)
         .gateway(MockConfig {
@@ -177,6 +198,12 @@ fn run_scenario(args: &MeasureArgs, scenario: Scenario, dir: &Path) -> anyhow::R
         .dir(dir);
     if scenario == Scenario::Bench {
         builder = builder.extra_service(bench::floor()?);
+    }
+    if let Some(bin) = &args.service_bin {
+        builder = builder.service_bin(bin);
+    }
+    if args.stock_restate {
+        builder = builder.config(None);
     }
     let stack = builder.start()?;
     eprintln!(
@@ -235,6 +262,17 @@ fn run_scenario(args: &MeasureArgs, scenario: Scenario, dir: &Path) -> anyhow::R
                 compare: None,
             };
             bench::run_on(&stack, &bench_args, "cluster", dir).map(drop)
+        }
+        Scenario::Bodies => {
+            let bodies_args = bodies::BodiesArgs {
+                chunk: args.body_chunk_kib * 1024,
+                pace: Duration::from_millis(args.body_pace_ms),
+                timeout: Duration::from_secs(args.timeout.max(300)),
+            };
+            bodies::measure(&stack, &bodies_args).and_then(|report| {
+                println!("{report}");
+                std::fs::write(dir.join("report.txt"), report).context("writing report.txt")
+            })
         }
     };
     drop(stack);

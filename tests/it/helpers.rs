@@ -141,6 +141,11 @@ impl TestApp {
             .expect("a stack started elsewhere is not the test's own")
     }
 
+    /// The stack this harness started, if it started one.
+    pub fn local_stack(&self) -> Option<&Stack> {
+        self.stack.as_ref()
+    }
+
     // ---- the handlers -----------------------------------------------------------------------
 
     pub fn create_payment(&self, id: &str, body: &CreatePaymentBody) -> Answer<PaymentResult> {

@@ -9,6 +9,7 @@ mod api;
 mod errors;
 mod gateway_errors;
 mod helpers;
+mod limits;
 mod logging;
 mod schema;
 mod signing;
