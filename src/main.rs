@@ -37,7 +37,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(version) => tracing::info!(%version, "serving only under /{version}/"),
         None => tracing::info!("no deployment version: serving under any path"),
     }
-    server::serve_version(
+    server::serve(
         listener,
         endpoint,
         config.deployment_version.as_deref(),

@@ -66,13 +66,9 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Not the SDK's `HttpServer`: its accept loop stops accepting for good after one accept error
 /// (e.g. out of file descriptors). Here a failed accept is logged and retried, backing off from
 /// 10 ms to 1 s, so the service serves again as soon as descriptors are free.
-pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: impl Future) {
-    serve_version(listener, endpoint, None, shutdown).await
-}
-
-/// [`serve`], answering only requests under `/<version>/` when `version` is set (see
-/// [`Versioned`]).
-pub async fn serve_version(
+///
+/// With a `version`, only requests under `/<version>/` are served (see [`Versioned`]).
+pub async fn serve(
     listener: TcpListener,
     endpoint: Endpoint,
     version: Option<&str>,

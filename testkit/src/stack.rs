@@ -905,34 +905,24 @@ impl Drop for Stack {
     }
 }
 
-/// A build's deployment version: `build-` and a digest of the binary's size and modification
-/// time. Cargo writes the binary anew when it links a changed build, and leaves it alone
-/// otherwise, so the same build keeps its version (and its deployment) across runs on a kept
-/// data folder, and a new build is registered as a new deployment. (Hashing the contents
-/// would read ~100 MB of debug binary at every start.)
+/// A build's deployment version: `build-<mtime>-<size>` of the binary. Cargo writes the binary
+/// anew when it links a changed build, and leaves it alone otherwise, so the same build keeps
+/// its version (and its deployment) across runs on a kept data folder, and a new build is
+/// registered as a new deployment. (Hashing the contents would read ~100 MB of debug binary
+/// at every start.)
 pub fn build_version(bin: &Path) -> anyhow::Result<String> {
-    use std::hash::{Hash, Hasher};
     let meta =
         std::fs::metadata(bin).map_err(|e| anyhow::anyhow!("reading {}: {e}", bin.display()))?;
     let modified = meta
         .modified()?
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    // FNV-1a: the same digest from every Rust version (std's hashers promise no such thing).
-    struct Fnv(u64);
-    impl Hasher for Fnv {
-        fn finish(&self) -> u64 {
-            self.0
-        }
-        fn write(&mut self, bytes: &[u8]) {
-            for b in bytes {
-                self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-            }
-        }
-    }
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
-    (meta.len(), modified.as_secs(), modified.subsec_nanos()).hash(&mut h);
-    Ok(format!("build-{:012x}", h.finish() & 0xffff_ffff_ffff))
+    Ok(format!(
+        "build-{}.{:09}-{}",
+        modified.as_secs(),
+        modified.subsec_nanos(),
+        meta.len()
+    ))
 }
 
 /// Polls `ready` every 25 ms until it says `true`, fails, or `timeout` passes.

@@ -147,6 +147,8 @@ async fn run(args: Args) -> std::io::Result<()> {
     server::serve(
         listener,
         Endpoint::builder().bind(BenchFloor).build(),
+        // Any path: the floor is registered at its bare URL.
+        None,
         server::shutdown_signal(),
     )
     .await;
