@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use super::ledger::{Ledger, LedgerEntry, LedgerOp, LedgerOutcome};
 use super::{
-    ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest, RefundResponse,
+    ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest,
+    RefundResponse, VoidRequest, VoidResponse,
 };
 
 /// Customers whose ID starts with this are always declined, whatever the decline rate: the
@@ -90,6 +91,8 @@ struct Book {
     digest: Digester,
     ledger: Option<Ledger>,
     ignore_keys: bool,
+    /// Succeeded charges by payment ID, for [`PaymentGateway::find_charge`].
+    charged: HashMap<String, Uuid>,
 }
 
 const SHARDS: usize = 256;
@@ -101,6 +104,7 @@ impl Default for Book {
             digest: Digester::default(),
             ledger: None,
             ignore_keys: false,
+            charged: HashMap::new(),
         }
     }
 }
@@ -171,6 +175,9 @@ impl MockGateway {
                     id,
                 };
                 let digest = book.digest.of(&entry.idempotency_key);
+                if let (LedgerOp::Charge, Some(id)) = (entry.op, id) {
+                    book.charged.insert(entry.payment_id.clone(), id);
+                }
                 book.remember(digest, done);
             }
             tracing::info!(path = %path.display(), keys = book.keys(), "gateway ledger loaded");
@@ -195,7 +202,7 @@ impl MockGateway {
             tokio::time::sleep(self.config.delay).await;
         }
         if self.config.error_rate > 0.0 && rand::random::<f64>() < self.config.error_rate {
-            return Err(GatewayError::Unavailable("simulated timeout".into()));
+            return Err(GatewayError::Unknown("simulated timeout".into()));
         }
         let payment_id = call.payment_id.clone();
         let record = {
@@ -210,7 +217,7 @@ impl MockGateway {
         let (done, replay) = if self.config.ledger.is_some() {
             tokio::task::spawn_blocking(record)
                 .await
-                .map_err(|e| GatewayError::Unavailable(format!("gateway task failed: {e}")))??
+                .map_err(|e| GatewayError::Unknown(format!("gateway task failed: {e}")))??
         } else {
             record()?
         };
@@ -276,7 +283,7 @@ impl Book {
             let entry = LedgerEntry {
                 op: done.op,
                 idempotency_key: call.key,
-                payment_id: call.payment_id,
+                payment_id: call.payment_id.clone(),
                 amount: done.amount,
                 outcome: done.outcome,
                 id: done.id(),
@@ -285,9 +292,12 @@ impl Book {
             // Not recorded means not done: answer nothing, the caller retries with the key.
             ledger
                 .append(&entry)
-                .map_err(|e| GatewayError::Unavailable(format!("{e:#}")))?;
+                .map_err(|e| GatewayError::Unknown(format!("{e:#}")))?;
         }
         if !replay {
+            if let (LedgerOp::Charge, Some(id)) = (done.op, done.id) {
+                self.charged.insert(call.payment_id, id);
+            }
             self.remember(digest, done);
         }
         Ok((done, replay))
@@ -347,6 +357,60 @@ impl PaymentGateway for MockGateway {
         done.id()
             .map(|refund_id| RefundResponse { refund_id })
             .ok_or_else(|| GatewayError::Rejected("refund recorded without an ID".into()))
+    }
+
+    async fn void(&self, request: VoidRequest) -> Result<VoidResponse, GatewayError> {
+        let charge = request.charge;
+        let (payment_id, amount) = (charge.payment_id.clone(), charge.amount);
+        // A charge under the key that has not arrived yet: the key is spent on a decline.
+        let call = Call {
+            op: LedgerOp::Charge,
+            key: charge.idempotency_key,
+            payment_id: payment_id.clone(),
+            amount,
+        };
+        let done = self.once(call, || LedgerOutcome::Declined).await?;
+        let Some(charge_id) = done.id() else {
+            return Ok(VoidResponse::NothingCharged);
+        };
+        let refund = self
+            .refund(RefundRequest {
+                idempotency_key: request.refund_key,
+                payment_id,
+                charge_id: charge_id.clone(),
+                amount,
+            })
+            .await?;
+        Ok(VoidResponse::Refunded {
+            charge_id,
+            refund_id: refund.refund_id,
+        })
+    }
+
+    async fn find_charge(&self, payment_id: &str) -> Result<ChargeLookup, GatewayError> {
+        let book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(match book.charged.get(payment_id) {
+            Some(id) => ChargeLookup::Charged {
+                charge_id: format!("ch_{}", id.simple()),
+            },
+            None => ChargeLookup::NotCharged {
+                reason: "no charge for this payment".into(),
+            },
+        })
+    }
+
+    async fn find_refund(
+        &self,
+        request: &RefundRequest,
+    ) -> Result<Option<RefundResponse>, GatewayError> {
+        let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        let digest = book.digest.of(&request.idempotency_key);
+        Ok(book
+            .shard(digest)
+            .get(&digest)
+            .filter(|done| done.op == LedgerOp::Refund)
+            .and_then(Done::id)
+            .map(|refund_id| RefundResponse { refund_id }))
     }
 }
 
@@ -471,7 +535,7 @@ mod tests {
         })
         .unwrap();
         let err = gw.charge(charge("charge:p", "cust", 1)).await.unwrap_err();
-        assert!(matches!(err, GatewayError::Unavailable(_)));
+        assert!(matches!(err, GatewayError::Unknown(_)));
         assert!(read_ledger(&path).unwrap().entries.is_empty());
     }
 

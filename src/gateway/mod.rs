@@ -38,6 +38,7 @@ pub enum ChargeResponse {
 pub struct RefundRequest {
     pub idempotency_key: String,
     pub payment_id: String,
+    /// The charge as the gateway named it in [`ChargeResponse::Succeeded`].
     pub charge_id: String,
     pub amount: u64,
 }
@@ -48,14 +49,44 @@ pub struct RefundResponse {
     pub refund_id: String,
 }
 
-/// A call that got no final word.
+/// Compensation for a charge whose invocation was cancelled: make sure `charge` moves no money.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidRequest {
+    /// The charge exactly as it was sent, its idempotency key included.
+    pub charge: ChargeRequest,
+    /// The key of the refund, if the charge turns out to have gone through.
+    pub refund_key: String,
+}
+
+/// What voiding a charge did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoidResponse {
+    /// The charge's key is spent on a request that moves no money: a charge with it that is
+    /// still on its way is refused when it arrives.
+    NothingCharged,
+    /// The charge had gone through; it is refunded in full.
+    Refunded { charge_id: String, refund_id: String },
+}
+
+/// What the gateway holds for a payment, found without an idempotency key (its keys may have
+/// expired): the final look-up for a charge whose outcome stayed unknown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeLookup {
+    Charged { charge_id: String },
+    /// No charge for the payment took money (none was made, or it was declined or cancelled).
+    NotCharged { reason: String },
+}
+
+/// A call that got no final word, or whose request the gateway refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
-    /// Worth retrying with the same idempotency key: a timeout, a 5xx, a refused connection.
-    #[error("gateway unavailable: {0}")]
-    Unavailable(String),
-    /// Not worth retrying: the gateway refused the request itself (e.g. an idempotency key
-    /// reused with other parameters).
+    /// The outcome is unknown: the gateway may or may not have acted (a timeout, a reset
+    /// connection, a 5xx, a 429, a refused connection, the key's first request still running).
+    /// Only a retry with the same idempotency key, or a look-up, settles it.
+    #[error("gateway outcome unknown: {0}")]
+    Unknown(String),
+    /// Final: the gateway refused the request and did nothing (e.g. an idempotency key reused
+    /// with other parameters, a refund above what is left of the charge).
     #[error("gateway rejected the request: {0}")]
     Rejected(String),
 }
@@ -65,4 +96,15 @@ pub enum GatewayError {
 pub trait PaymentGateway: Send + Sync + 'static {
     async fn charge(&self, request: ChargeRequest) -> Result<ChargeResponse, GatewayError>;
     async fn refund(&self, request: RefundRequest) -> Result<RefundResponse, GatewayError>;
+    /// Makes sure `request.charge` moves no money: spends its key on a request that moves none
+    /// if the charge has not reached the gateway, or refunds it (with `request.refund_key`) if
+    /// it went through. Idempotent: a repeat answers the same.
+    async fn void(&self, request: VoidRequest) -> Result<VoidResponse, GatewayError>;
+    /// Whether the gateway took money for `payment_id`, whatever key it was sent with.
+    async fn find_charge(&self, payment_id: &str) -> Result<ChargeLookup, GatewayError>;
+    /// The refund made for `request` (matched by its idempotency key), if the gateway has one.
+    async fn find_refund(
+        &self,
+        request: &RefundRequest,
+    ) -> Result<Option<RefundResponse>, GatewayError>;
 }

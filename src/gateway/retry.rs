@@ -48,7 +48,7 @@ where
     let mut attempt = 1;
     loop {
         match call().await {
-            Err(GatewayError::Unavailable(reason)) if attempt < policy.max_attempts => {
+            Err(GatewayError::Unknown(reason)) if attempt < policy.max_attempts => {
                 tracing::warn!(
                     %payment_id,
                     attempt,
@@ -60,8 +60,8 @@ where
                 delay = (delay * 2).min(policy.max_delay);
                 attempt += 1;
             }
-            Err(GatewayError::Unavailable(reason)) => {
-                return Err(GatewayError::Unavailable(format!(
+            Err(GatewayError::Unknown(reason)) => {
+                return Err(GatewayError::Unknown(format!(
                     "{reason} (gave up after {attempt} attempts)"
                 )));
             }
@@ -86,7 +86,7 @@ mod tests {
     async fn flaky(calls: &AtomicU32, failures: u32) -> Result<u32, GatewayError> {
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
         if n <= failures {
-            Err(GatewayError::Unavailable("timeout".into()))
+            Err(GatewayError::Unknown("timeout".into()))
         } else {
             Ok(n)
         }
@@ -107,7 +107,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         assert_eq!(
             err,
-            GatewayError::Unavailable("timeout (gave up after 4 attempts)".into())
+            GatewayError::Unknown("timeout (gave up after 4 attempts)".into())
         );
     }
 
