@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::gateway::MockConfig;
+use crate::gateway::{MockConfig, RetryPolicy};
+use crate::service::SettlePolicy;
 
 /// An idempotent payment service on Restate. Serve it, then register it with a Restate server
 /// (`POST <admin>/deployments {"uri": "http://<this host>:9090"}`).
@@ -44,6 +45,29 @@ pub struct Config {
     #[arg(long, env = "WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: u16,
 
+    /// The most one gateway call may take: one without an answer by then has an unknown
+    /// outcome, retried with the same idempotency key.
+    #[arg(long, env = "GATEWAY_ATTEMPT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub gateway_attempt_timeout: Duration,
+
+    /// Gateway calls per step (the first included) before an unknown outcome is left pending
+    /// and settled later, outside the payment's lock.
+    #[arg(long, env = "GATEWAY_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub gateway_attempts: u32,
+
+    /// The pause before the first try to settle an unknown outcome; it doubles, with jitter.
+    #[arg(long, env = "SETTLE_FIRST_DELAY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub settle_first_delay: Duration,
+
+    /// The longest pause between two tries to settle an unknown outcome.
+    #[arg(long, env = "SETTLE_MAX_DELAY", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub settle_max_delay: Duration,
+
+    /// How long the gateway keeps idempotency keys (Stripe: 24 h). Keys are sent again only well
+    /// within it; after that an unknown outcome is settled by looking the payment up.
+    #[arg(long, env = "GATEWAY_KEY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub gateway_key_retention: Duration,
+
     /// Mock gateway: milliseconds each call takes before the gateway acts.
     #[arg(long, env = "GATEWAY_DELAY_MS", default_value_t = 100)]
     pub gateway_delay_ms: u64,
@@ -79,6 +103,20 @@ pub struct Config {
 }
 
 impl Config {
+    /// How gateway calls are timed out and retried, in a step and across `Settle` rounds.
+    pub fn settle_policy(&self) -> SettlePolicy {
+        SettlePolicy {
+            retry: RetryPolicy {
+                max_attempts: self.gateway_attempts,
+                attempt_timeout: self.gateway_attempt_timeout,
+                ..RetryPolicy::default()
+            },
+            first_delay: self.settle_first_delay,
+            max_delay: self.settle_max_delay,
+            key_retention: self.gateway_key_retention,
+        }
+    }
+
     pub fn mock_gateway(&self) -> MockConfig {
         MockConfig {
             delay: Duration::from_millis(self.gateway_delay_ms),
@@ -188,6 +226,7 @@ mod tests {
         assert_eq!(config.gateway_ledger, None);
         assert!(config.identity_keys.is_empty());
         assert_eq!(config.worker_threads, 1);
+        assert_eq!(config.settle_policy(), SettlePolicy::default());
     }
 
     #[test]

@@ -29,7 +29,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         worker_threads = config.worker_threads,
         "payment-service listening"
     );
-    let endpoint = server::endpoint(Arc::new(gateway), &config.identity_keys)?;
+    let endpoint = server::endpoint(
+        Arc::new(gateway),
+        config.settle_policy(),
+        &config.identity_keys,
+    )?;
     if config.identity_keys.is_empty() {
         tracing::info!("no identity keys: any caller that reaches this port can invoke handlers");
     }

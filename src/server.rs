@@ -16,15 +16,16 @@ use restate_sdk::endpoint::{Endpoint, HandleOptions, ProtocolMode, ResponseBody}
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::gateway::PaymentGateway;
-use crate::service::PaymentService;
+use crate::service::{PaymentService, SettlePolicy};
 
 /// The Restate endpoint with `PaymentService` bound to `gateway`. With `identity_keys`, the
 /// endpoint serves only requests signed by a Restate server holding one of the private keys.
 pub fn endpoint(
     gateway: Arc<dyn PaymentGateway>,
+    policy: SettlePolicy,
     identity_keys: &[String],
 ) -> anyhow::Result<Endpoint> {
-    let mut builder = Endpoint::builder().bind(PaymentService::new(gateway));
+    let mut builder = Endpoint::builder().bind(PaymentService::new(gateway, policy));
     for key in identity_keys {
         builder = builder
             .identity_key(key)

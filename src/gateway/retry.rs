@@ -1,72 +1,95 @@
-//! Bounded retries of transient gateway errors, inside one journaled step.
+//! One gateway call, retried a few times with the same idempotency key inside one journaled step,
+//! each attempt with its own timeout.
 //!
 //! Why not `ctx.run(..).retry_policy(..)`: Restate counts a run's attempts as the invocation's
 //! retries since its last journal entry, and a crash or a restart of the service or of the
 //! server is such a retry too. A bounded run policy would so turn a few crashes in the middle
-//! of a charge into a "failed" payment whose money the gateway may have taken. Here only the
-//! gateway's own transient errors count; crashes are retried by Restate without bound, and
-//! each new attempt calls the gateway with the same idempotency key.
+//! of a charge into a payment given up on. Here only the gateway's own answers count; crashes are
+//! retried by Restate without bound, and each new attempt calls the gateway with the same key.
+//!
+//! The budget is short on purpose (about a second and a half by default, plus the attempts' own
+//! timeouts): a call still unknown after it is not retried here but settled later, outside the
+//! payment's lock (see `service`), so the client gets an answer promptly.
 
 use std::future::Future;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
+
 use super::GatewayError;
 
-/// How often, and how patiently, a transient gateway error is retried.
+/// How often, and how patiently, a gateway call is tried within one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
+    /// The most one attempt may take; an attempt without an answer by then is an unknown outcome.
+    pub attempt_timeout: Duration,
+    /// The pause before the second attempt; it doubles, with jitter, up to `max_delay`.
     pub initial_delay: Duration,
     pub max_delay: Duration,
 }
 
 impl Default for RetryPolicy {
-    /// 5 attempts, 100 ms doubling up to 1.6 s between them: about 3 s in all.
+    /// 3 attempts of at most 5 s each, 200 ms then 400 ms (plus jitter) between them. Stripe's
+    /// own answers take well under a second; 5 s leaves room for a slow network.
     fn default() -> Self {
         Self {
-            max_attempts: 5,
-            initial_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(2),
+            max_attempts: 3,
+            attempt_timeout: Duration::from_secs(5),
+            initial_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(1),
         }
     }
 }
 
-/// Runs `call` until it succeeds, fails permanently, or has failed transiently
-/// `policy.max_attempts` times; the last error then says how many attempts were made.
-/// `payment_id` is for the log lines of the retries.
+/// What one step's calls came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempted<T> {
+    /// The final answer, or the last error: an unknown outcome after `attempts`, or a rejection.
+    pub result: Result<T, GatewayError>,
+    pub attempts: u32,
+}
+
+/// Calls `call` until it gives a final answer (`Ok` or [`GatewayError::Rejected`]) or
+/// `policy.max_attempts` attempts ended unknown. `payment_id` and `op` are for the log lines.
 pub async fn with_retries<T, F, Fut>(
     policy: RetryPolicy,
     payment_id: &str,
+    op: &'static str,
     mut call: F,
-) -> Result<T, GatewayError>
+) -> Attempted<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, GatewayError>>,
 {
-    let mut delay = policy.initial_delay;
-    let mut attempt = 1;
+    // Jitter spreads the retries of payments that failed together (a gateway outage).
+    let mut pauses = ExponentialBuilder::default()
+        .with_min_delay(policy.initial_delay)
+        .with_max_delay(policy.max_delay)
+        .with_max_times(policy.max_attempts.saturating_sub(1) as usize)
+        .with_jitter()
+        .build();
+    let mut attempts = 0;
     loop {
-        match call().await {
-            Err(GatewayError::Unknown(reason)) if attempt < policy.max_attempts => {
-                tracing::warn!(
-                    %payment_id,
-                    attempt,
-                    %reason,
-                    retry_in = ?delay,
-                    "gateway unavailable, retrying"
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(policy.max_delay);
-                attempt += 1;
-            }
-            Err(GatewayError::Unknown(reason)) => {
-                return Err(GatewayError::Unknown(format!(
-                    "{reason} (gave up after {attempt} attempts)"
-                )));
-            }
-            other => return other,
-        }
+        attempts += 1;
+        let result = match tokio::time::timeout(policy.attempt_timeout, call()).await {
+            Ok(result) => result,
+            Err(_) => Err(GatewayError::Unknown(format!(
+                "no answer within {:?}",
+                policy.attempt_timeout
+            ))),
+        };
+        let reason = match &result {
+            Err(GatewayError::Unknown(reason)) => reason,
+            _ => return Attempted { result, attempts },
+        };
+        let Some(pause) = pauses.next() else {
+            tracing::warn!(%payment_id, op, attempts, %reason, "gateway outcome still unknown");
+            return Attempted { result, attempts };
+        };
+        tracing::warn!(%payment_id, op, attempt = attempts, %reason, retry_in = ?pause, "gateway outcome unknown, retrying with the same key");
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -78,49 +101,71 @@ mod tests {
 
     const FAST: RetryPolicy = RetryPolicy {
         max_attempts: 4,
+        attempt_timeout: Duration::from_millis(50),
         initial_delay: Duration::from_millis(1),
         max_delay: Duration::from_millis(2),
     };
 
-    /// A call that fails transiently `failures` times, then answers `Ok(attempt)`.
+    /// A call whose outcome is unknown `failures` times, then answers `Ok(attempt)`.
     async fn flaky(calls: &AtomicU32, failures: u32) -> Result<u32, GatewayError> {
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
         if n <= failures {
-            Err(GatewayError::Unknown("timeout".into()))
+            Err(GatewayError::Unknown("reset".into()))
         } else {
             Ok(n)
         }
     }
 
     #[tokio::test]
-    async fn transient_errors_are_retried_until_success() {
+    async fn unknown_outcomes_are_retried_until_an_answer() {
         let calls = AtomicU32::new(0);
-        assert_eq!(with_retries(FAST, "p", || flaky(&calls, 3)).await, Ok(4));
-    }
-
-    #[tokio::test]
-    async fn gives_up_after_max_attempts_saying_so() {
-        let calls = AtomicU32::new(0);
-        let err = with_retries(FAST, "p", || flaky(&calls, 100))
-            .await
-            .unwrap_err();
-        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        let done = with_retries(FAST, "p", "charge", || flaky(&calls, 3)).await;
         assert_eq!(
-            err,
-            GatewayError::Unknown("timeout (gave up after 4 attempts)".into())
+            done,
+            Attempted {
+                result: Ok(4),
+                attempts: 4
+            }
         );
     }
 
     #[tokio::test]
-    async fn permanent_errors_are_not_retried() {
+    async fn stops_after_max_attempts_with_the_last_error() {
         let calls = AtomicU32::new(0);
-        let err = with_retries(FAST, "p", || async {
+        let done = with_retries(FAST, "p", "charge", || flaky(&calls, 100)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(done.attempts, 4);
+        assert_eq!(done.result, Err(GatewayError::Unknown("reset".into())));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_without_an_answer_times_out_as_unknown() {
+        let calls = AtomicU32::new(0);
+        let done = with_retries(FAST, "p", "charge", || async {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok(7)
+        })
+        .await;
+        assert_eq!(
+            done,
+            Attempted {
+                result: Ok(7),
+                attempts: 2
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn rejections_are_final() {
+        let calls = AtomicU32::new(0);
+        let done = with_retries(FAST, "p", "refund", || async {
             calls.fetch_add(1, Ordering::SeqCst);
             Err::<(), _>(GatewayError::Rejected("bad key".into()))
         })
-        .await
-        .unwrap_err();
+        .await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert!(matches!(err, GatewayError::Rejected(_)));
+        assert!(matches!(done.result, Err(GatewayError::Rejected(_))));
     }
 }

@@ -43,6 +43,9 @@ pub enum PaymentError {
         payment_id: String,
         status: PaymentStatus,
     },
+    /// The gateway refused the refund and did nothing; the payment stays as it was.
+    #[error("the gateway refused to refund payment {payment_id}: {reason}")]
+    RefundRejected { payment_id: String, reason: String },
 }
 
 impl PaymentError {

@@ -13,7 +13,7 @@ pub mod types;
 pub use error::PaymentError;
 pub use model::{
     ChargeOutcome, ChargeStep, Payment, PaymentResult, PaymentStatus, Refund, RefundOutcome,
-    RefundStatus,
+    RefundStatus, RefundStep, VoidOutcome,
 };
 pub use request::{
     CreatePaymentBody, NewPayment, NoInput, RefundAmount, RefundPaymentBody, RefundRequest,

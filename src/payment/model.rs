@@ -1,9 +1,11 @@
 //! The payment's life: what is stored, what is answered, and the transitions between states.
 //!
 //! ```text
-//!   (none) ──create──▶ pending ──charge succeeded──▶ completed ──refund──▶ refunded
-//!                         │
-//!                         └──declined / gateway gave no answer──▶ failed   (final)
+//!   (none) ──create──▶ pending ──charged (or the look-up finds the charge)──▶ completed ──refund──▶ refunded
+//!                       │  ▲ │
+//!                       │  └─┘ outcome unknown: stays pending, settled later by the service itself
+//!                       ├──declined, rejected, or the look-up finds no charge──▶ failed    (final)
+//!                       └──invocation cancelled: the charge voided or refunded──▶ canceled (final)
 //! ```
 //!
 //! Everything here is plain data and pure functions: the Restate handlers decide nothing
@@ -24,6 +26,12 @@ pub const MSG_PROCESSED: &str = "Payment processed successfully";
 pub const MSG_ALREADY_PROCESSED: &str = "Payment already processed";
 /// The message of a refund.
 pub const MSG_REFUNDED: &str = "Refund processed successfully";
+/// The message of a payment whose charge's outcome is not known yet.
+pub const MSG_PENDING: &str =
+    "Payment pending: the gateway's answer is not known yet; the service settles it by itself";
+/// The message of a refund whose outcome is not known yet.
+pub const MSG_REFUND_PENDING: &str =
+    "Refund pending: the gateway's answer is not known yet; the service settles it by itself";
 
 /// Where a payment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -33,10 +41,14 @@ pub enum PaymentStatus {
     Pending,
     /// Charged: `chargeId` names the charge at the gateway.
     Completed,
-    /// Not charged, for good: declined, or the gateway could not be reached. `errorMsg` says why.
+    /// Not charged, for good: the gateway declined or refused the charge, or, after its outcome
+    /// stayed unknown, the gateway's records show it never charged. `errorMsg` says why.
     Failed,
     /// Charged, then refunded (in full or in part: see the stored refund).
     Refunded,
+    /// Cancelled by an operator while the charge was unsettled, and voided: nothing charged, or
+    /// the charge refunded in full (then `chargeId` names it and the stored refund holds it).
+    Canceled,
 }
 
 impl PaymentStatus {
@@ -46,6 +58,7 @@ impl PaymentStatus {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Refunded => "refunded",
+            Self::Canceled => "canceled",
         }
     }
 }
@@ -77,6 +90,24 @@ pub struct Payment {
     pub completed_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_msg: Option<String>,
+    /// Calls made to the gateway for the charge, when some ended without an answer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    /// Why the charge's outcome is not known yet (a timeout, a 5xx, ...), while pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Cancelled by an operator while the charge's outcome was unknown: the service voids the
+    /// charge instead of completing it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canceling: bool,
+    /// Refund keys used up: by a refund the gateway rejected (it keeps a key's first answer, a
+    /// refusal too) or one it had no record of once the key expired. The next refund uses a new key.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spent_refund_keys: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The charge step's result. It is the result of a journaled step, so it is recorded once and
@@ -94,7 +125,7 @@ pub struct ChargeStep {
     pub result: ChargeOutcome,
 }
 
-/// What the charge settled on.
+/// What a charge step (a charge, or the final look-up) found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "camelCase")]
 pub enum ChargeOutcome {
@@ -107,9 +138,34 @@ pub enum ChargeOutcome {
     },
     /// The gateway refused the charge (e.g. "insufficient funds").
     Declined { reason: String },
-    /// The gateway gave no final word within the retry budget, or refused the request itself.
-    Failed { reason: String },
+    /// The gateway refused the request itself and did nothing (e.g. its key check).
+    Rejected { reason: String },
+    /// The look-up, once the key could no longer settle it, found that no money moved.
+    NotCharged { reason: String },
+    /// No final word within the step's attempts: the payment stays pending.
+    Unknown { reason: String, attempts: u32 },
 }
+
+/// What voiding a cancelled payment's charge did, recorded once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum VoidOutcome {
+    NothingCharged,
+    #[serde(rename_all = "camelCase")]
+    Refunded {
+        charge_id: String,
+        refund_id: String,
+        #[serde(with = "epoch_millis")]
+        at: Timestamp,
+    },
+    Unknown {
+        reason: String,
+        attempts: u32,
+    },
+}
+
+/// The reason stored for a refund that voids a cancelled payment's charge.
+pub const REASON_CANCELED: &str = "payment canceled";
 
 impl Payment {
     /// A new payment, not yet charged.
@@ -125,11 +181,16 @@ impl Payment {
             created_at: None,
             completed_at: None,
             error_msg: None,
+            attempts: 0,
+            last_error: None,
+            canceling: false,
+            spent_refund_keys: 0,
         }
     }
 
-    /// Records the charge step's result: `completed` with its charge ID, or `failed` with why.
-    /// `createdAt` is the step's start, unless the payment already had one.
+    /// Records a charge step's result: `completed` with its charge ID, `failed` with why, or,
+    /// when the outcome is unknown, still `pending` with the attempts and the last error.
+    /// `createdAt` is the first step's start.
     pub fn settle(&mut self, step: ChargeStep) {
         debug_assert_eq!(self.status, PaymentStatus::Pending);
         self.created_at.get_or_insert(step.started_at);
@@ -138,10 +199,62 @@ impl Payment {
                 self.status = PaymentStatus::Completed;
                 self.charge_id = Some(charge_id);
                 self.completed_at = Some(at);
+                self.last_error = None;
             }
-            ChargeOutcome::Declined { reason } | ChargeOutcome::Failed { reason } => {
+            ChargeOutcome::Declined { reason }
+            | ChargeOutcome::Rejected { reason }
+            | ChargeOutcome::NotCharged { reason } => {
                 self.status = PaymentStatus::Failed;
                 self.error_msg = Some(reason);
+                self.last_error = None;
+            }
+            ChargeOutcome::Unknown { reason, attempts } => {
+                self.attempts += attempts;
+                self.last_error = Some(reason);
+            }
+        }
+    }
+
+    /// Whether the charge's outcome is unknown and the service is settling it by itself.
+    pub fn is_settling(&self) -> bool {
+        self.status == PaymentStatus::Pending && (self.attempts > 0 || self.canceling)
+    }
+
+    /// Records what voiding the charge did: `canceled`, with the refund if it had gone
+    /// through (returned, to be stored as the payment's refund), or, unknown, still pending
+    /// and `canceling`.
+    pub fn cancel(&mut self, outcome: VoidOutcome) -> Option<Refund> {
+        debug_assert_eq!(self.status, PaymentStatus::Pending);
+        self.canceling = true;
+        match outcome {
+            VoidOutcome::NothingCharged => {
+                self.status = PaymentStatus::Canceled;
+                self.error_msg = Some("canceled: nothing was charged".into());
+                self.last_error = None;
+                None
+            }
+            VoidOutcome::Refunded {
+                charge_id,
+                refund_id,
+                at,
+            } => {
+                self.status = PaymentStatus::Canceled;
+                self.error_msg = Some(format!(
+                    "canceled: the charge {charge_id} was refunded ({refund_id})"
+                ));
+                self.charge_id = Some(charge_id);
+                self.last_error = None;
+                Some(Refund::completed(
+                    refund_id,
+                    at,
+                    self.amount,
+                    REASON_CANCELED.to_owned(),
+                ))
+            }
+            VoidOutcome::Unknown { reason, attempts } => {
+                self.attempts += attempts;
+                self.last_error = Some(reason);
+                None
             }
         }
     }
@@ -194,6 +307,11 @@ impl Payment {
         debug_assert_eq!(self.status, PaymentStatus::Completed);
         self.status = PaymentStatus::Refunded;
     }
+
+    /// The refund key is used up (see `spent_refund_keys`): the next refund gets a new one.
+    pub fn spend_refund_key(&mut self) {
+        self.spent_refund_keys += 1;
+    }
 }
 
 /// The answer to `CreatePayment`.
@@ -212,7 +330,8 @@ impl PaymentResult {
     /// reason as the message, as the seed does.
     pub fn settled(payment: &Payment) -> Self {
         let message = match (&payment.status, &payment.error_msg) {
-            (PaymentStatus::Failed, Some(reason)) => reason.clone(),
+            (PaymentStatus::Failed | PaymentStatus::Canceled, Some(reason)) => reason.clone(),
+            (PaymentStatus::Pending, _) => MSG_PENDING.to_owned(),
             _ => MSG_PROCESSED.to_owned(),
         };
         Self::with_message(payment, message)
@@ -233,11 +352,13 @@ impl PaymentResult {
     }
 }
 
-/// The status of a refund. The mock gateway settles refunds at once, so it is always
-/// `completed`, as in the seed; an enum keeps the wire format open for `pending` later.
+/// The status of a refund.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RefundStatus {
+    /// Stored, the gateway's answer not known yet: the service settles it with the same amount
+    /// and key.
+    Pending,
     Completed,
 }
 
@@ -245,13 +366,25 @@ pub enum RefundStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Refund {
-    pub refund_id: String,
+    /// The gateway's ID of the refund, once it is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_id: Option<String>,
     pub status: RefundStatus,
     pub amount: Amount,
     pub message: String,
     /// The reason the first refund request gave.
     pub reason: String,
-    pub refunded_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunded_at: Option<Timestamp>,
+    /// When the refund was first sent to the gateway under its current key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<Timestamp>,
+    /// Calls made to the gateway for the refund, when some ended without an answer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    /// Why the refund's outcome is not known yet, while pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// What the refund step settled on, recorded once like [`ChargeOutcome`].
@@ -264,21 +397,73 @@ pub enum RefundOutcome {
         #[serde(with = "epoch_millis")]
         at: Timestamp,
     },
-    /// The gateway gave no final word within the retry budget: nothing is stored, and a
-    /// later `RefundPayment` tries again with the same idempotency key.
-    Failed { reason: String },
+    /// The gateway refused the refund and did nothing (e.g. more than is left of the charge).
+    Rejected { reason: String },
+    /// Once the key could no longer settle it, the gateway had no record of the refund.
+    NotRefunded,
+    /// No final word within the step's attempts: the refund stays pending.
+    Unknown { reason: String, attempts: u32 },
+}
+
+/// The refund step's result, with when it began (the refund's `requestedAt` under a new key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefundStep {
+    #[serde(with = "epoch_millis")]
+    pub started_at: Timestamp,
+    #[serde(flatten)]
+    pub result: RefundOutcome,
 }
 
 impl Refund {
+    /// A refund stored before the gateway is called, so that whatever cuts the call off, the
+    /// refund resumes with this amount and reason.
+    pub fn pending(amount: Amount, reason: String) -> Self {
+        Self {
+            refund_id: None,
+            status: RefundStatus::Pending,
+            amount,
+            message: MSG_REFUND_PENDING.to_owned(),
+            reason,
+            refunded_at: None,
+            requested_at: None,
+            attempts: 0,
+            last_error: None,
+        }
+    }
+
     pub fn completed(refund_id: String, at: Timestamp, amount: Amount, reason: String) -> Self {
         Self {
-            refund_id,
+            refund_id: Some(refund_id),
             status: RefundStatus::Completed,
             amount,
             message: MSG_REFUNDED.to_owned(),
             reason,
-            refunded_at: at,
+            refunded_at: Some(at),
+            requested_at: None,
+            attempts: 0,
+            last_error: None,
         }
+    }
+
+    /// Records a completed refund step. A rejection is not recorded here: the refund is then
+    /// dropped (see `Payment::spend_refund_key`).
+    pub fn settle(&mut self, refund_id: String, at: Timestamp) {
+        self.refund_id = Some(refund_id);
+        self.status = RefundStatus::Completed;
+        self.message = MSG_REFUNDED.to_owned();
+        self.refunded_at = Some(at);
+        self.last_error = None;
+    }
+
+    pub fn unknown(&mut self, reason: String, attempts: u32) {
+        self.attempts += attempts;
+        self.last_error = Some(reason);
+    }
+
+    /// Whether the refund's outcome is unknown and the service is settling it by itself.
+    pub fn is_settling(&self) -> bool {
+        self.status == RefundStatus::Pending && self.attempts > 0
     }
 }
 
@@ -344,13 +529,64 @@ mod tests {
     }
 
     #[test]
-    fn unavailable_gateway_fails_saying_why() {
+    fn an_unknown_outcome_stays_pending_counting_attempts() {
         let mut p = pending(10000);
-        p.settle(step(ChargeOutcome::Failed {
-            reason: "gateway unavailable: timeout (gave up after 5 attempts)".into(),
+        for _ in 0..2 {
+            p.settle(step(ChargeOutcome::Unknown {
+                reason: "no answer within 5s".into(),
+                attempts: 3,
+            }));
+        }
+        assert_eq!(p.status, PaymentStatus::Pending);
+        assert_eq!(p.attempts, 6);
+        assert_eq!(p.last_error.as_deref(), Some("no answer within 5s"));
+        assert!(p.is_settling());
+        assert_eq!(PaymentResult::settled(&p).message, MSG_PENDING);
+        p.settle(step(ChargeOutcome::Charged {
+            charge_id: "ch_1".into(),
+            at: Timestamp::now(),
+        }));
+        assert_eq!(p.status, PaymentStatus::Completed);
+        assert_eq!((p.attempts, p.last_error), (6, None));
+    }
+
+    #[test]
+    fn a_rejected_charge_fails_saying_why() {
+        let mut p = pending(10000);
+        p.settle(step(ChargeOutcome::Rejected {
+            reason: "idempotency key reused".into(),
         }));
         assert_eq!(p.status, PaymentStatus::Failed);
-        assert!(p.error_msg.unwrap().contains("gave up after 5 attempts"));
+        assert!(!p.is_settling());
+    }
+
+    #[test]
+    fn a_voided_charge_is_canceled_with_its_refund() {
+        let mut p = pending(10000);
+        assert_eq!(p.cancel(VoidOutcome::NothingCharged), None);
+        assert_eq!(p.status, PaymentStatus::Canceled);
+
+        let mut p = pending(10000);
+        let unknown = VoidOutcome::Unknown {
+            reason: "reset".into(),
+            attempts: 3,
+        };
+        assert_eq!(p.cancel(unknown), None);
+        assert!(p.canceling && p.is_settling());
+        let refund = p
+            .cancel(VoidOutcome::Refunded {
+                charge_id: "ch_1".into(),
+                refund_id: "re_1".into(),
+                at: Timestamp::now(),
+            })
+            .unwrap();
+        assert_eq!(p.status, PaymentStatus::Canceled);
+        assert_eq!(p.charge_id.as_deref(), Some("ch_1"));
+        assert_eq!(
+            (refund.amount, refund.status),
+            (p.amount, RefundStatus::Completed)
+        );
+        assert_eq!(PaymentResult::settled(&p).status, PaymentStatus::Canceled);
     }
 
     #[test]
@@ -398,6 +634,7 @@ mod tests {
             PaymentStatus::Pending,
             PaymentStatus::Failed,
             PaymentStatus::Refunded,
+            PaymentStatus::Canceled,
         ] {
             let mut p = pending(10000);
             p.status = status;
@@ -462,8 +699,8 @@ mod tests {
         let mut resumed = pending(10000);
         let first = Timestamp::now();
         resumed.created_at = Some(first);
-        resumed.settle(step(ChargeOutcome::Failed {
-            reason: "gateway unavailable".into(),
+        resumed.settle(step(ChargeOutcome::Rejected {
+            reason: "gateway rejected".into(),
         }));
         assert_eq!(resumed.created_at, Some(first));
     }

@@ -156,9 +156,18 @@ impl PaymentId {
         format!("charge:{}", self.0)
     }
 
-    /// The gateway idempotency key of this payment's refund (a payment has at most one).
-    pub fn refund_key(&self) -> String {
-        format!("refund:{}", self.0)
+    /// The gateway idempotency key of this payment's refund (a payment has at most one), after
+    /// `rejected` refunds the gateway refused: it keeps a key's first answer, a refusal too.
+    pub fn refund_key(&self, rejected: u32) -> String {
+        match rejected {
+            0 => format!("refund:{}", self.0),
+            n => format!("refund:{}:{}", self.0, n + 1),
+        }
+    }
+
+    /// The gateway idempotency key of the refund that voids a cancelled payment's charge.
+    pub fn void_refund_key(&self) -> String {
+        format!("void:{}", self.0)
     }
 }
 
@@ -193,6 +202,11 @@ impl Timestamp {
     /// Milliseconds since the Unix epoch.
     pub fn unix_millis(self) -> i64 {
         (self.0.unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    /// Milliseconds from `earlier` to `self` (negative if `earlier` is later).
+    pub fn millis_since(self, earlier: Timestamp) -> i64 {
+        self.unix_millis() - earlier.unix_millis()
     }
 
     /// The inverse of [`Timestamp::unix_millis`]; `None` out of the representable range.
@@ -310,7 +324,8 @@ mod tests {
             id.charge_key(),
             PaymentId::parse("payment-001").unwrap().charge_key()
         );
-        assert_ne!(id.charge_key(), id.refund_key());
+        assert_ne!(id.charge_key(), id.refund_key(0));
+        assert_ne!(id.refund_key(0), id.refund_key(1));
         let other = PaymentId::parse("payment-002").unwrap();
         assert_ne!(id.charge_key(), other.charge_key());
     }

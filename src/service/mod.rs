@@ -13,14 +13,26 @@
 //! | 2 | set state `payment` | `pending`, visible to `GetPayment` while the charge runs     |
 //! | 3 | run `charge`        | the gateway call with key `charge:<id>`; its result carries  |
 //! |   |                     | both clock readings, `createdAt` and `completedAt`          |
-//! | 4 | set state `payment` | `completed` or `failed`                                     |
+//! | 4 | set state `payment` | `completed`, `failed`, or still `pending` (outcome unknown)  |
 //! | 5 | run `receipt`       | the seed's receipt, only after a successful charge          |
+//! |   | or send `Settle`    | a delayed call to this object, when the outcome is unknown   |
 //!
-//! A duplicate is step 1 and nothing else. Every `ctx.run` is a durable round trip to
+//! A duplicate is step 1 and nothing else. A charge whose outcome stays unknown after the
+//! step's few attempts (a timeout, a reset, a 5xx) is never taken for a refusal: the payment stays
+//! `pending` and `Settle`, a handler only the object calls, tries again with the same key later,
+//! backing off, then, once the key nears the end of the gateway's retention, looks the payment up
+//! at the gateway. Waiting happens between invocations, so the payment's lock is free meanwhile
+//! (`GetPayment` never waits on it anyway).
+//!
+//! An invocation cancelled by an operator while the charge is unsettled voids the charge
+//! (`void`: the key spent on a request that moves no money, or the charge refunded) and ends
+//! `canceled`. A refund is stored `pending` before the gateway is called and, whatever cuts it
+//! off (a crash, a cancel, an unknown answer), resumes with the same amount and key. Every `ctx.run` is a durable round trip to
 //! restate-server, so no step reads the clock on its own: the pending record has no
 //! `createdAt` until the charge step records it.
 
 mod body;
+mod settle;
 
 use std::sync::Arc;
 
@@ -28,16 +40,17 @@ use restate_sdk::prelude::*;
 use tracing::{debug, info, warn};
 
 use crate::gateway::{
-    ChargeRequest, ChargeResponse, PaymentGateway, RefundRequest as GatewayRefund, RetryPolicy,
-    with_retries,
+    Attempted, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway,
+    RefundRequest as GatewayRefund, VoidRequest, VoidResponse, with_retries,
 };
 use crate::payment::{
     ChargeOutcome, ChargeStep, CreatePaymentBody, NewPayment, NoInput, Payment, PaymentError,
     PaymentId, PaymentResult, PaymentStatus, Refund, RefundOutcome, RefundPaymentBody,
-    RefundRequest, Timestamp,
+    RefundRequest, RefundStatus, RefundStep, Timestamp, VoidOutcome,
 };
 
 pub use body::JsonBody;
+pub use settle::{SettlePolicy, SettleRound};
 
 /// State key of the stored [`Payment`].
 pub const STATE_PAYMENT: &str = "payment";
@@ -54,13 +67,18 @@ impl From<PaymentError> for TerminalError {
             // The IETF Idempotency-Key draft's code for a key reused with another payload (its
             // 409 means "the first request is still running", which Restate's queue absorbs).
             PaymentError::Conflict { .. } => 422,
-            PaymentError::NotRefundable { .. } => 409,
+            PaymentError::NotRefundable { .. } | PaymentError::RefundRejected { .. } => 409,
             // Terminal all the same: a retry would decode the same bytes, forever, holding the
             // payment's lock.
             PaymentError::CorruptState { .. } => 500,
         };
         TerminalError::new_with_code(code, error.to_string())
     }
+}
+
+/// Whether an error from an await is the invocation being cancelled (the SDK's 409 "cancelled").
+fn is_cancel(error: &TerminalError) -> bool {
+    error.code() == 409 && error.message() == "cancelled"
 }
 
 /// The payment service: one virtual object per payment ID.
@@ -71,11 +89,12 @@ impl From<PaymentError> for TerminalError {
 /// deduplicated by its ID for as long as it is stored, key or no key.
 pub struct PaymentService {
     gateway: Arc<dyn PaymentGateway>,
+    policy: SettlePolicy,
 }
 
 impl PaymentService {
-    pub fn new(gateway: Arc<dyn PaymentGateway>) -> Self {
-        Self { gateway }
+    pub fn new(gateway: Arc<dyn PaymentGateway>, policy: SettlePolicy) -> Self {
+        Self { gateway, policy }
     }
 }
 
@@ -85,11 +104,11 @@ impl PaymentService {
     #[handler(name = "CreatePayment", idempotency_retention = "7 days")]
     async fn create_payment(
         &self,
-        ctx: ObjectContext<'_>,
+        mut ctx: ObjectContext<'_>,
         body: JsonBody<CreatePaymentBody>,
     ) -> Result<Json<PaymentResult>, TerminalError> {
         let payment_id = ctx.key().to_owned();
-        let result = self.create(ctx, body).await;
+        let result = self.create(&mut ctx, body).await;
         log_refusal(&payment_id, &result);
         result.map(Json)
     }
@@ -125,20 +144,35 @@ impl PaymentService {
     #[handler(name = "RefundPayment", idempotency_retention = "7 days")]
     async fn refund_payment(
         &self,
-        ctx: ObjectContext<'_>,
+        mut ctx: ObjectContext<'_>,
         body: JsonBody<RefundPaymentBody>,
     ) -> Result<Json<Refund>, TerminalError> {
         let payment_id = ctx.key().to_owned();
-        let result = self.refund(ctx, body).await;
+        let result = self.refund(&mut ctx, body).await;
         log_refusal(&payment_id, &result);
         result.map(Json)
+    }
+
+    /// Settles a charge or a refund whose outcome stayed unknown. Only the object calls it (a
+    /// delayed call to itself), never a client.
+    #[handler(name = "Settle", ingress_private)]
+    async fn settle(
+        &self,
+        mut ctx: ObjectContext<'_>,
+        round: Json<SettleRound>,
+    ) -> Result<(), TerminalError> {
+        let Json(SettleRound { round }) = round;
+        let payment_id = ctx.key().to_owned();
+        let result = self.settle_round(&mut ctx, round).await;
+        log_refusal(&payment_id, &result);
+        result
     }
 }
 
 impl PaymentService {
     async fn create(
         &self,
-        ctx: ObjectContext<'_>,
+        ctx: &mut ObjectContext<'_>,
         body: JsonBody<CreatePaymentBody>,
     ) -> Result<PaymentResult, TerminalError> {
         // Bad input is refused before anything is read or written, duplicate or not.
@@ -149,14 +183,19 @@ impl PaymentService {
         if let Some(stored) = &stored {
             stored.check_retry(&request)?;
         }
-        let mut payment = match stored {
+        let payment = match stored {
             Some(stored) if stored.status != PaymentStatus::Pending => {
                 info!(payment_id = %id, status = %stored.status, "payment already processed");
                 return Ok(PaymentResult::already_processed(&stored));
             }
-            // Only an invocation stopped from outside (e.g. cancelled by an operator) leaves a
-            // payment pending. Charging again is safe: the key makes the gateway answer the
-            // first charge's result if there was one.
+            // `Settle` owns it: a duplicate answers at once, and charges nothing itself.
+            Some(stored) if stored.is_settling() => {
+                info!(payment_id = %id, attempts = stored.attempts, "payment pending, being settled");
+                return Ok(PaymentResult::settled(&stored));
+            }
+            // Only an invocation stopped from outside leaves a payment pending with no attempt
+            // recorded. Charging again is safe: the key makes the gateway answer the first
+            // charge's result if there was one.
             Some(stored) => {
                 warn!(payment_id = %id, "resuming a pending payment");
                 stored
@@ -174,75 +213,124 @@ impl PaymentService {
                 pending
             }
         };
+        self.charge_and_store(ctx, &id, payment, 0).await
+    }
 
-        let step = self.charge(&ctx, &id, &payment).await?;
+    /// One charge step and what follows from it: the stored outcome, the receipt, or, unknown,
+    /// the next `Settle` round. A cancellation during the step voids the charge.
+    async fn charge_and_store(
+        &self,
+        ctx: &mut ObjectContext<'_>,
+        id: &PaymentId,
+        mut payment: Payment,
+        round: u32,
+    ) -> Result<PaymentResult, TerminalError> {
+        let step = match self.charge(ctx, id, &payment).await {
+            Ok(step) => step,
+            Err(e) if is_cancel(&e) => {
+                warn!(payment_id = %id, "cancelled during the charge: voiding it");
+                self.void_and_store(ctx, id, payment, 0).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         payment.settle(step);
         ctx.set(STATE_PAYMENT, Json(payment.clone()));
 
-        if payment.status == PaymentStatus::Completed {
-            info!(
-                payment_id = %id,
-                amount = %payment.amount,
-                currency = %payment.currency,
-                customer_id = %payment.customer_id.escape_debug(),
-                charge_id = payment.charge_id.as_deref(),
-                "payment completed"
-            );
-            let (payment_id, customer_id) = (id.as_str(), payment.customer_id.as_str());
-            ctx.run(|| async move {
-                // In production: an e-mail through a provider that takes an idempotency key.
-                debug!(%payment_id, customer_id = %customer_id.escape_debug(), "sending receipt");
-                Ok(())
-            })
-            .name("receipt")
-            .await?;
-        } else {
-            warn!(
+        match payment.status {
+            PaymentStatus::Completed => {
+                info!(
+                    payment_id = %id,
+                    amount = %payment.amount,
+                    currency = %payment.currency,
+                    customer_id = %payment.customer_id.escape_debug(),
+                    charge_id = payment.charge_id.as_deref(),
+                    "payment completed"
+                );
+                let (payment_id, customer_id) = (id.as_str(), payment.customer_id.as_str());
+                ctx.run(|| async move {
+                    // In production: an e-mail through a provider that takes an idempotency key.
+                    debug!(%payment_id, customer_id = %customer_id.escape_debug(), "sending receipt");
+                    Ok(())
+                })
+                .name("receipt")
+                .await?;
+            }
+            PaymentStatus::Pending => {
+                warn!(
+                    payment_id = %id,
+                    attempts = payment.attempts,
+                    last_error = payment.last_error.as_deref(),
+                    "charge outcome unknown: pending, settled later"
+                );
+                self.schedule(ctx, id, round);
+            }
+            _ => warn!(
                 payment_id = %id,
                 customer_id = %payment.customer_id.escape_debug(),
                 error = payment.error_msg.as_deref(),
                 "payment failed"
-            );
+            ),
         }
         Ok(PaymentResult::settled(&payment))
     }
 
     /// The charge, as one journaled step: its outcome and both clock readings are recorded
-    /// once and replayed as recorded.
+    /// once and replayed as recorded. While the key is safe to send, the step charges with it;
+    /// past that, it looks the payment up.
     async fn charge(
         &self,
         ctx: &ObjectContext<'_>,
         id: &PaymentId,
         payment: &Payment,
     ) -> Result<ChargeStep, TerminalError> {
-        let request = ChargeRequest {
-            idempotency_key: id.charge_key(),
-            payment_id: id.as_str().to_owned(),
-            amount: payment.amount.minor_units(),
-            currency: payment.currency.as_str().to_owned(),
-            customer_id: payment.customer_id.clone(),
-        };
-        let gateway = Arc::clone(&self.gateway);
-        // The step never fails: a gateway that gives no final word within the retry budget
-        // is an outcome too, recorded like any other, so replays settle the payment the same way.
+        let request = charge_request(id, payment);
+        let (gateway, policy) = (Arc::clone(&self.gateway), self.policy);
+        let first = payment.created_at;
         let Json(step) = ctx
             .run(|| async move {
                 let started_at = Timestamp::now();
                 let payment_id = request.payment_id.as_str();
-                debug!(%payment_id, idempotency_key = %request.idempotency_key, "charging through the gateway");
-                let response = with_retries(RetryPolicy::default(), payment_id, || {
-                    gateway.charge(request.clone())
-                })
-                .await;
-                let result = match response {
-                    Ok(ChargeResponse::Succeeded { charge_id }) => ChargeOutcome::Charged {
-                        charge_id,
-                        at: Timestamp::now(),
-                    },
-                    Ok(ChargeResponse::Declined { reason }) => ChargeOutcome::Declined { reason },
-                    Err(e) => ChargeOutcome::Failed {
-                        reason: e.to_string(),
-                    },
+                let result = if policy.key_alive(first.unwrap_or(started_at), started_at) {
+                    debug!(%payment_id, idempotency_key = %request.idempotency_key, "charging through the gateway");
+                    let Attempted { result, attempts } =
+                        with_retries(policy.retry, payment_id, "charge", || {
+                            gateway.charge(request.clone())
+                        })
+                        .await;
+                    match result {
+                        Ok(ChargeResponse::Succeeded { charge_id }) => ChargeOutcome::Charged {
+                            charge_id,
+                            at: Timestamp::now(),
+                        },
+                        Ok(ChargeResponse::Declined { reason }) => {
+                            ChargeOutcome::Declined { reason }
+                        }
+                        Err(GatewayError::Rejected(reason)) => ChargeOutcome::Rejected { reason },
+                        Err(GatewayError::Unknown(reason)) => {
+                            ChargeOutcome::Unknown { reason, attempts }
+                        }
+                    }
+                } else {
+                    info!(%payment_id, "the charge's key nears its expiry: looking the payment up");
+                    let Attempted { result, attempts } =
+                        with_retries(policy.retry, payment_id, "find charge", || {
+                            gateway.find_charge(payment_id)
+                        })
+                        .await;
+                    match result {
+                        Ok(ChargeLookup::Charged { charge_id }) => ChargeOutcome::Charged {
+                            charge_id,
+                            at: Timestamp::now(),
+                        },
+                        Ok(ChargeLookup::NotCharged { reason }) => ChargeOutcome::NotCharged {
+                            reason: format!("the gateway never charged it: {reason}"),
+                        },
+                        Err(e) => ChargeOutcome::Unknown {
+                            reason: e.to_string(),
+                            attempts,
+                        },
+                    }
                 };
                 Ok(Json(ChargeStep { started_at, result }))
             })
@@ -251,20 +339,115 @@ impl PaymentService {
         Ok(step)
     }
 
+    /// Voids the charge of a cancelled payment and stores what that did: `canceled`, or, if
+    /// the void's outcome is unknown too, still pending and `canceling`, with a `Settle` round.
+    async fn void_and_store(
+        &self,
+        ctx: &mut ObjectContext<'_>,
+        id: &PaymentId,
+        mut payment: Payment,
+        round: u32,
+    ) -> Result<(), TerminalError> {
+        let outcome = match self.void(ctx, id, &payment).await {
+            Ok(outcome) => outcome,
+            // Cancelled again before the void ran: it is tried again shortly.
+            Err(e) if is_cancel(&e) => {
+                payment.canceling = true;
+                ctx.set(STATE_PAYMENT, Json(payment));
+                self.schedule(ctx, id, round);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(refund) = payment.cancel(outcome) {
+            ctx.set(STATE_REFUND, Json(refund));
+        }
+        ctx.set(STATE_PAYMENT, Json(payment.clone()));
+        if payment.status == PaymentStatus::Pending {
+            warn!(payment_id = %id, last_error = payment.last_error.as_deref(), "void outcome unknown: settled later");
+            self.schedule(ctx, id, round);
+        } else {
+            info!(payment_id = %id, charge_id = payment.charge_id.as_deref(), error = payment.error_msg.as_deref(), "payment canceled");
+        }
+        Ok(())
+    }
+
+    /// The void, as one journaled step. Past the key's safe window, a look-up decides: a
+    /// charge found is refunded (a second refund of it would exceed the charge, so the refund's
+    /// own key expiring cannot refund twice).
+    async fn void(
+        &self,
+        ctx: &ObjectContext<'_>,
+        id: &PaymentId,
+        payment: &Payment,
+    ) -> Result<VoidOutcome, TerminalError> {
+        let request = VoidRequest {
+            charge: charge_request(id, payment),
+            refund_key: id.void_refund_key(),
+        };
+        let (gateway, policy) = (Arc::clone(&self.gateway), self.policy);
+        let first = payment.created_at;
+        let Json(outcome) = ctx
+            .run(|| async move {
+                let now = Timestamp::now();
+                let payment_id = request.charge.payment_id.as_str();
+                let voided = if policy.key_alive(first.unwrap_or(now), now) {
+                    with_retries(policy.retry, payment_id, "void", || {
+                        gateway.void(request.clone())
+                    })
+                    .await
+                } else {
+                    void_by_lookup(&*gateway, policy, &request).await
+                };
+                let Attempted { result, attempts } = voided;
+                Ok(Json(match result {
+                    Ok(VoidResponse::NothingCharged) => VoidOutcome::NothingCharged,
+                    Ok(VoidResponse::Refunded {
+                        charge_id,
+                        refund_id,
+                    }) => VoidOutcome::Refunded {
+                        charge_id,
+                        refund_id,
+                        at: Timestamp::now(),
+                    },
+                    Err(e) => VoidOutcome::Unknown {
+                        reason: e.to_string(),
+                        attempts,
+                    },
+                }))
+            })
+            .name("void")
+            .await?;
+        Ok(outcome)
+    }
+
     async fn refund(
         &self,
-        ctx: ObjectContext<'_>,
+        ctx: &mut ObjectContext<'_>,
         body: JsonBody<RefundPaymentBody>,
     ) -> Result<Refund, TerminalError> {
         let request = RefundRequest::parse(body.as_bytes())?;
-
-        if let Some(refund) =
-            decode::<Refund>(ctx.key(), STATE_REFUND, ctx.get(STATE_REFUND).await?)?
-        {
-            info!(payment_id = ctx.key(), refund_id = %refund.refund_id, "refund already processed");
-            return Ok(refund);
+        let stored = decode::<Refund>(ctx.key(), STATE_REFUND, ctx.get(STATE_REFUND).await?)?;
+        match &stored {
+            Some(refund) if refund.status == RefundStatus::Completed => {
+                info!(
+                    payment_id = ctx.key(),
+                    refund_id = refund.refund_id.as_deref(),
+                    "refund already processed"
+                );
+                return Ok(refund.clone());
+            }
+            Some(refund) if refund.is_settling() => {
+                info!(
+                    payment_id = ctx.key(),
+                    attempts = refund.attempts,
+                    "refund pending, being settled"
+                );
+                return Ok(refund.clone());
+            }
+            _ => {}
         }
-        let Some(mut payment) =
+        let Some(payment) =
             decode::<Payment>(ctx.key(), STATE_PAYMENT, ctx.get(STATE_PAYMENT).await?)?
         else {
             return Err(PaymentError::NotFound {
@@ -272,63 +455,256 @@ impl PaymentService {
             }
             .into());
         };
-        let amount = payment.refundable_amount(request.amount)?;
-        let charge_id = payment.charge_id.clone().unwrap_or_default();
         let id = PaymentId::parse(&payment.payment_id)?;
-        debug!(payment_id = %id, %amount, reason = %request.reason.escape_debug(), "refunding payment");
-
-        let call = GatewayRefund {
-            idempotency_key: id.refund_key(),
-            payment_id: id.as_str().to_owned(),
-            charge_id,
-            amount: amount.minor_units(),
+        let refund = match stored {
+            // Cut off before its outcome was stored: it resumes as first requested.
+            Some(refund) => {
+                warn!(payment_id = %id, amount = %refund.amount, "resuming a pending refund");
+                refund
+            }
+            None => {
+                let amount = payment.refundable_amount(request.amount)?;
+                debug!(payment_id = %id, %amount, reason = %request.reason.escape_debug(), "refunding payment");
+                let refund = Refund::pending(amount, request.reason);
+                ctx.set(STATE_REFUND, Json(refund.clone()));
+                refund
+            }
         };
-        let gateway = Arc::clone(&self.gateway);
-        let Json(outcome) = ctx
+        self.refund_and_store(ctx, &id, payment, refund, 0).await
+    }
+
+    /// One refund step and what follows from it. A cancellation does not undo a refund (the
+    /// money may be on its way back): the refund is settled by `Settle` with its key.
+    async fn refund_and_store(
+        &self,
+        ctx: &mut ObjectContext<'_>,
+        id: &PaymentId,
+        mut payment: Payment,
+        mut refund: Refund,
+        round: u32,
+    ) -> Result<Refund, TerminalError> {
+        let step = match self.refund_step(ctx, id, &payment, &refund).await {
+            Ok(step) => step,
+            Err(e) if is_cancel(&e) => {
+                warn!(payment_id = %id, "cancelled during the refund: it is settled later with its key");
+                refund.attempts = refund.attempts.max(1);
+                ctx.set(STATE_REFUND, Json(refund));
+                self.schedule(ctx, id, round);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        refund.requested_at.get_or_insert(step.started_at);
+        match step.result {
+            RefundOutcome::Refunded { refund_id, at } => {
+                refund.settle(refund_id, at);
+                ctx.set(STATE_REFUND, Json(refund.clone()));
+                payment.mark_refunded();
+                ctx.set(STATE_PAYMENT, Json(payment));
+                info!(
+                    payment_id = %id,
+                    amount = %refund.amount,
+                    reason = %refund.reason.escape_debug(),
+                    refund_id = refund.refund_id.as_deref(),
+                    "refund completed"
+                );
+                Ok(refund)
+            }
+            RefundOutcome::Rejected { reason } => {
+                ctx.clear(STATE_REFUND);
+                payment.spend_refund_key();
+                ctx.set(STATE_PAYMENT, Json(payment));
+                Err(PaymentError::RefundRejected {
+                    payment_id: id.as_str().to_owned(),
+                    reason,
+                }
+                .into())
+            }
+            // The key expired with no refund made under it: the refund is still owed, under a
+            // new key.
+            RefundOutcome::NotRefunded => {
+                warn!(payment_id = %id, "no refund under the expired key: trying a new one");
+                payment.spend_refund_key();
+                ctx.set(STATE_PAYMENT, Json(payment));
+                refund.requested_at = None;
+                ctx.set(STATE_REFUND, Json(refund.clone()));
+                self.schedule(ctx, id, round);
+                Ok(refund)
+            }
+            RefundOutcome::Unknown { reason, attempts } => {
+                refund.unknown(reason, attempts);
+                ctx.set(STATE_REFUND, Json(refund.clone()));
+                warn!(payment_id = %id, attempts = refund.attempts, last_error = refund.last_error.as_deref(), "refund outcome unknown: pending, settled later");
+                self.schedule(ctx, id, round);
+                Ok(refund)
+            }
+        }
+    }
+
+    /// The refund, as one journaled step; past the key's safe window, a look-up.
+    async fn refund_step(
+        &self,
+        ctx: &ObjectContext<'_>,
+        id: &PaymentId,
+        payment: &Payment,
+        refund: &Refund,
+    ) -> Result<RefundStep, TerminalError> {
+        let call = GatewayRefund {
+            idempotency_key: id.refund_key(payment.spent_refund_keys),
+            payment_id: id.as_str().to_owned(),
+            charge_id: payment.charge_id.clone().unwrap_or_default(),
+            amount: refund.amount.minor_units(),
+        };
+        let (gateway, policy) = (Arc::clone(&self.gateway), self.policy);
+        let first = refund.requested_at;
+        let Json(step) = ctx
             .run(|| async move {
+                let started_at = Timestamp::now();
                 let payment_id = call.payment_id.as_str();
-                debug!(%payment_id, idempotency_key = %call.idempotency_key, "refunding through the gateway");
-                let response = with_retries(RetryPolicy::default(), payment_id, || {
-                    gateway.refund(call.clone())
-                })
-                .await;
-                Ok(Json(match response {
-                    Ok(r) => RefundOutcome::Refunded {
-                        refund_id: r.refund_id,
-                        at: Timestamp::now(),
-                    },
-                    Err(e) => RefundOutcome::Failed {
-                        reason: e.to_string(),
-                    },
-                }))
+                let result = if policy.key_alive(first.unwrap_or(started_at), started_at) {
+                    debug!(%payment_id, idempotency_key = %call.idempotency_key, "refunding through the gateway");
+                    let Attempted { result, attempts } =
+                        with_retries(policy.retry, payment_id, "refund", || {
+                            gateway.refund(call.clone())
+                        })
+                        .await;
+                    match result {
+                        Ok(r) => RefundOutcome::Refunded {
+                            refund_id: r.refund_id,
+                            at: Timestamp::now(),
+                        },
+                        Err(GatewayError::Rejected(reason)) => RefundOutcome::Rejected { reason },
+                        Err(GatewayError::Unknown(reason)) => {
+                            RefundOutcome::Unknown { reason, attempts }
+                        }
+                    }
+                } else {
+                    let Attempted { result, attempts } =
+                        with_retries(policy.retry, payment_id, "find refund", || {
+                            gateway.find_refund(&call)
+                        })
+                        .await;
+                    match result {
+                        Ok(Some(r)) => RefundOutcome::Refunded {
+                            refund_id: r.refund_id,
+                            at: Timestamp::now(),
+                        },
+                        Ok(None) => RefundOutcome::NotRefunded,
+                        Err(e) => RefundOutcome::Unknown {
+                            reason: e.to_string(),
+                            attempts,
+                        },
+                    }
+                };
+                Ok(Json(RefundStep { started_at, result }))
             })
             .name("refund")
             .await?;
-        let (refund_id, refunded_at) = match outcome {
-            RefundOutcome::Refunded { refund_id, at } => (refund_id, at),
-            // Nothing is stored: the payment stays completed and a later RefundPayment tries
-            // again, with the same key, so a refund the gateway did make is not made twice.
-            RefundOutcome::Failed { reason } => {
-                warn!(payment_id = %id, reason = %reason.escape_debug(), "refund not processed");
-                return Err(TerminalError::new_with_code(
-                    503,
-                    format!("refund not processed, try again later: {reason}"),
-                ));
-            }
-        };
+        Ok(step)
+    }
 
-        let refund = Refund::completed(refund_id, refunded_at, amount, request.reason);
-        ctx.set(STATE_REFUND, Json(refund.clone()));
-        payment.mark_refunded();
-        ctx.set(STATE_PAYMENT, Json(payment));
-        info!(
-            payment_id = %id,
-            amount = %refund.amount,
-            reason = %refund.reason.escape_debug(),
-            refund_id = %refund.refund_id,
-            "refund completed"
-        );
-        Ok(refund)
+    /// One `Settle` round: whatever of the payment is still unsettled, tried once more.
+    async fn settle_round(
+        &self,
+        ctx: &mut ObjectContext<'_>,
+        round: u32,
+    ) -> Result<(), TerminalError> {
+        let id = PaymentId::parse(ctx.key())?;
+        let Some(payment) =
+            decode::<Payment>(ctx.key(), STATE_PAYMENT, ctx.get(STATE_PAYMENT).await?)?
+        else {
+            return Ok(());
+        };
+        let next = round.saturating_add(1);
+        if payment.status == PaymentStatus::Pending {
+            info!(payment_id = %id, round, canceling = payment.canceling, "settling the charge");
+            if payment.canceling {
+                return self.void_and_store(ctx, &id, payment, next).await;
+            }
+            return self
+                .charge_and_store(ctx, &id, payment, next)
+                .await
+                .map(drop);
+        }
+        let refund = decode::<Refund>(ctx.key(), STATE_REFUND, ctx.get(STATE_REFUND).await?)?;
+        match refund {
+            Some(refund) if refund.status == RefundStatus::Pending => {
+                info!(payment_id = %id, round, "settling the refund");
+                self.refund_and_store(ctx, &id, payment, refund, next)
+                    .await
+                    .map(drop)
+            }
+            _ => {
+                debug!(payment_id = %id, status = %payment.status, "nothing left to settle");
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends `Settle` to this payment after round `round`'s pause, with jitter.
+    fn schedule(&self, ctx: &mut ObjectContext<'_>, id: &PaymentId, round: u32) {
+        let jitter: f64 = rand::RngExt::random(ctx.rand());
+        let delay = self.policy.delay(round, jitter);
+        debug!(payment_id = %id, round, ?delay, "scheduling Settle");
+        ctx.object_client::<PaymentServiceClient>(id.as_str())
+            .settle(Json(SettleRound { round }))
+            .send_after(delay);
+    }
+}
+
+fn charge_request(id: &PaymentId, payment: &Payment) -> ChargeRequest {
+    ChargeRequest {
+        idempotency_key: id.charge_key(),
+        payment_id: id.as_str().to_owned(),
+        amount: payment.amount.minor_units(),
+        currency: payment.currency.as_str().to_owned(),
+        customer_id: payment.customer_id.clone(),
+    }
+}
+
+/// A void once the charge's key nears its expiry: the gateway's records decide. Nothing is in
+/// flight by then (every attempt has its own timeout, long over).
+async fn void_by_lookup(
+    gateway: &dyn PaymentGateway,
+    policy: SettlePolicy,
+    request: &VoidRequest,
+) -> Attempted<VoidResponse> {
+    let payment_id = request.charge.payment_id.as_str();
+    let found = with_retries(policy.retry, payment_id, "find charge", || {
+        gateway.find_charge(payment_id)
+    })
+    .await;
+    let charge_id = match found.result {
+        Ok(ChargeLookup::NotCharged { .. }) => {
+            return Attempted {
+                result: Ok(VoidResponse::NothingCharged),
+                attempts: found.attempts,
+            };
+        }
+        Err(e) => {
+            return Attempted {
+                result: Err(e),
+                attempts: found.attempts,
+            };
+        }
+        Ok(ChargeLookup::Charged { charge_id }) => charge_id,
+    };
+    let refund = GatewayRefund {
+        idempotency_key: request.refund_key.clone(),
+        payment_id: payment_id.to_owned(),
+        charge_id: charge_id.clone(),
+        amount: request.charge.amount,
+    };
+    let refunded = with_retries(policy.retry, payment_id, "void refund", || {
+        gateway.refund(refund.clone())
+    })
+    .await;
+    Attempted {
+        result: refunded.result.map(|r| VoidResponse::Refunded {
+            charge_id,
+            refund_id: r.refund_id,
+        }),
+        attempts: found.attempts + refunded.attempts,
     }
 }
 

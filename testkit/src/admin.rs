@@ -100,6 +100,25 @@ impl Admin {
         Ok(body["id"].as_str().unwrap_or_default().to_owned())
     }
 
+    /// `PATCH /invocations/{id}/cancel`, what `restate invocations cancel` does: the invocation
+    /// sees a terminal error at its next await and may still run steps to compensate.
+    pub fn cancel(&self, invocation_id: &str) -> anyhow::Result<()> {
+        let url = format!("{}/invocations/{invocation_id}/cancel", self.url);
+        let response = self
+            .http
+            .patch(&url)
+            .send()
+            .with_context(|| format!("PATCH {url}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            bail!(
+                "cancelling {invocation_id}: HTTP {status}: {}",
+                response.text().unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
     /// The registered deployments: ID → URI.
     pub fn deployments(&self) -> anyhow::Result<BTreeMap<String, String>> {
         let url = format!("{}/deployments", self.url);

@@ -6,12 +6,13 @@
 
 mod accept;
 mod api;
+mod cancel;
 mod errors;
-mod gateway_errors;
 mod helpers;
 mod limits;
 mod logging;
 mod schema;
 mod signing;
+mod unknown_outcomes;
 mod upgrade;
 mod walkthrough;

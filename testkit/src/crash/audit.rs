@@ -313,7 +313,11 @@ pub fn show(e: &LedgerEntry) -> String {
 }
 
 fn refund_of(r: &Refund) -> String {
-    format!("{} of {}", r.refund_id, r.amount)
+    format!(
+        "{} of {}",
+        r.refund_id.as_deref().unwrap_or("(pending)"),
+        r.amount
+    )
 }
 
 /// What the gateway did for one payment, from its ledger lines.
@@ -526,7 +530,7 @@ impl PaymentAudit<'_> {
             PaymentStatus::Completed => f.completed += 1,
             PaymentStatus::Failed => f.failed += 1,
             PaymentStatus::Refunded => f.refunded += 1,
-            PaymentStatus::Pending => f.other_status += 1,
+            PaymentStatus::Pending | PaymentStatus::Canceled => f.other_status += 1,
         }
         self.check_state(end, f);
         self.check_refund(end, f);
@@ -580,6 +584,8 @@ impl PaymentAudit<'_> {
                     );
                 }
             }
+            // Canceled: nothing charged, or the charge refunded (checked with the refunds).
+            PaymentStatus::Canceled => {}
             PaymentStatus::Pending => f.violation(id, Kind::Unsettled { status: end.status }),
         }
         if end.status != PaymentStatus::Failed && charged.is_none() && self.gw.declined {
@@ -590,7 +596,9 @@ impl PaymentAudit<'_> {
     /// The refund: ledger ⇔ status ⇔ stored refund.
     fn check_refund(&self, end: &Payment, f: &mut Findings) {
         let id = self.plan.id.as_str();
-        let refunded = end.status == PaymentStatus::Refunded;
+        // A canceled payment whose charge had gone through is refunded in full.
+        let refunded = end.status == PaymentStatus::Refunded
+            || (end.status == PaymentStatus::Canceled && end.charge_id.is_some());
         match (refunded, self.gw.refund, self.stored_refund) {
             (true, None, _) => f.violation(id, Kind::RefundedWithoutLedgerRefund),
             (false, Some(r), _) => f.violation(
@@ -602,9 +610,7 @@ impl PaymentAudit<'_> {
             ),
             (true, Some(_), None) => f.violation(id, Kind::RefundedWithoutStoredRefund),
             (true, Some(r), Some(s)) => {
-                if Some(s.refund_id.as_str()) != r.id.as_deref()
-                    || s.amount.minor_units() != r.amount
-                {
+                if s.refund_id.as_deref() != r.id.as_deref() || s.amount.minor_units() != r.amount {
                     f.violation(
                         id,
                         Kind::StoredRefundMismatch {
@@ -673,7 +679,7 @@ impl PaymentAudit<'_> {
             match answer {
                 Ok(Answer::Ok(a)) => {
                     let as_ledger = self.gw.refund.is_some_and(|r| {
-                        r.id.as_deref() == Some(a.refund_id.as_str())
+                        r.id.as_deref() == a.refund_id.as_deref()
                             && r.amount == a.amount.minor_units()
                     });
                     if !as_ledger || self.stored_refund != Some(a) {

@@ -314,7 +314,7 @@ const CASES: &[(&str, fn(&mut World))] = &[
         w.end.stored_refunds.clear()
     }),
     ("stored-refund-mismatch", |w| {
-        w.end.stored_refunds.get_mut(A).unwrap().refund_id = "re_other".into()
+        w.end.stored_refunds.get_mut(A).unwrap().refund_id = Some("re_other".into())
     }),
     ("stored-refund-but-not-refunded", |w| {
         w.end.stored_refunds.insert(B.into(), refund("re_b", 500));

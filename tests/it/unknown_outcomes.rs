@@ -1,0 +1,154 @@
+//! Gateway calls whose outcome is unknown (no answer in time, an answer lost after the gateway
+//! acted, a 5xx): never taken for a refusal. The payment or refund stays `pending`, the client
+//! is answered promptly, and the service settles it by itself: the same key again, then, once the
+//! key nears the end of its retention, a look-up at the gateway.
+//!
+//! The stacks here have a short key retention (`GATEWAY_KEY_RETENTION`) so that the look-up
+//! comes within seconds.
+
+use std::time::{Duration, Instant};
+
+use payment_service::gateway::MockConfig;
+use payment_service::payment::{CreatePaymentBody, PaymentStatus, RefundStatus};
+use testkit::ledger::{LedgerEntry, LedgerOp, LedgerOutcome};
+use testkit::stack::{Stack, StackBuilder, wait_until};
+
+use crate::helpers::{TestApp, ok, own_stack, refund_body, unique_id};
+
+/// How long a test waits for the service to settle by itself: the key's retention plus a few
+/// rounds.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A stack whose gateway is `gateway`, with fast settle rounds, attempts of `timeout` each,
+/// and keys kept `retention`.
+fn stack(gateway: MockConfig, timeout: &str, retention: &str) -> StackBuilder {
+    Stack::builder()
+        .gateway(MockConfig {
+            decline_rate: 0.0,
+            delay: Duration::from_millis(1),
+            ..gateway
+        })
+        .service_env("GATEWAY_ATTEMPT_TIMEOUT", timeout)
+        .service_env("GATEWAY_KEY_RETENTION", retention)
+        .service_env("SETTLE_FIRST_DELAY", "200ms")
+        .service_env("SETTLE_MAX_DELAY", "500ms")
+}
+
+/// The gateway's ledger lines for `id` that acted (not replays).
+fn acted(app: &TestApp, id: &str, op: LedgerOp) -> Vec<LedgerEntry> {
+    app.ledger(id)
+        .expect("an own stack has a ledger")
+        .into_iter()
+        .filter(|e| e.op == op && !e.replay)
+        .collect()
+}
+
+/// Polls GetPayment until the payment is no longer `pending`.
+fn wait_settled(app: &TestApp, id: &str) -> payment_service::payment::Payment {
+    wait_until(SETTLE_TIMEOUT, "the payment to settle", || {
+        Ok(app.payment(id).status != PaymentStatus::Pending)
+    })
+    .unwrap();
+    app.payment(id)
+}
+
+#[test]
+fn a_gateway_that_never_answers_leaves_the_payment_pending_until_the_look_up_finds_no_charge() {
+    let app = own_stack(stack(
+        MockConfig {
+            error_rate: 1.0,
+            ..MockConfig::default()
+        },
+        "500ms",
+        "12s",
+    ));
+    let id = unique_id("unknown-down");
+    let body = CreatePaymentBody::new(2500, "cust-dora");
+    let started = Instant::now();
+    let answer = ok("CreatePayment", app.create_payment(&id, &body));
+    assert_eq!(answer.status, PaymentStatus::Pending, "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let pending = app.payment(&id);
+    assert_eq!(pending.status, PaymentStatus::Pending, "{pending:?}");
+    assert!(pending.attempts >= 3, "{pending:?}");
+    assert!(pending.last_error.is_some(), "{pending:?}");
+    // A duplicate is answered at once, from the state, and charges nothing itself.
+    let again = ok("CreatePayment again", app.create_payment(&id, &body));
+    assert_eq!(again.status, PaymentStatus::Pending, "{again:?}");
+
+    // The key's window passes with no answer; the look-up finds that nothing was charged.
+    let end = wait_settled(&app, &id);
+    assert_eq!(end.status, PaymentStatus::Failed, "{end:?}");
+    assert!(
+        end.error_msg
+            .as_deref()
+            .unwrap_or("")
+            .contains("never charged"),
+        "{end:?}"
+    );
+    assert!(acted(&app, &id, LedgerOp::Charge).is_empty());
+    let answer = ok("CreatePayment after", app.create_payment(&id, &body));
+    assert_eq!(answer.status, PaymentStatus::Failed, "{answer:?}");
+    app.assert_all_settled(std::slice::from_ref(&id));
+}
+
+#[test]
+fn a_charge_whose_answers_are_lost_ends_completed_with_its_one_charge() {
+    // The gateway acts at once and answers after 3 s, past every attempt's 500 ms: each attempt
+    // times out, the first having charged. Until the look-up, every call is a replay.
+    let app = own_stack(stack(
+        MockConfig {
+            response_delay: Duration::from_secs(3),
+            ..MockConfig::default()
+        },
+        "500ms",
+        "12s",
+    ));
+    let id = unique_id("unknown-lost");
+    let body = CreatePaymentBody::new(4100, "cust-lou");
+    let answer = ok("CreatePayment", app.create_payment(&id, &body));
+    assert_eq!(answer.status, PaymentStatus::Pending, "{answer:?}");
+
+    let end = wait_settled(&app, &id);
+    let charges = acted(&app, &id, LedgerOp::Charge);
+    assert_eq!(charges.len(), 1, "{charges:#?}");
+    assert_eq!(charges[0].outcome, LedgerOutcome::Succeeded);
+    assert_eq!(end.status, PaymentStatus::Completed, "{end:?}");
+    assert_eq!(end.charge_id, charges[0].id, "{end:?}");
+    assert!(end.attempts >= 3, "{end:?}");
+
+    // The refund meets the same gateway: stored pending before the call, answered pending, a
+    // second request with another amount answers that same refund, and it settles with the
+    // first amount, refunded once.
+    let refund = ok(
+        "RefundPayment",
+        app.refund(&id, &refund_body("lost", Some(1000))),
+    );
+    assert_eq!(refund.status, RefundStatus::Pending, "{refund:?}");
+    assert_eq!(refund.amount.minor_units(), 1000);
+    let other = ok(
+        "RefundPayment again",
+        app.refund(&id, &refund_body("other", Some(2000))),
+    );
+    assert_eq!(other.status, RefundStatus::Pending, "{other:?}");
+    assert_eq!(other.amount.minor_units(), 1000, "{other:?}");
+    wait_until(SETTLE_TIMEOUT, "the refund to settle", || {
+        Ok(app.payment(&id).status == PaymentStatus::Refunded)
+    })
+    .unwrap();
+    let refunds = acted(&app, &id, LedgerOp::Refund);
+    assert_eq!(refunds.len(), 1, "{refunds:#?}");
+    assert_eq!(refunds[0].amount, 1000);
+    let done = ok(
+        "RefundPayment after",
+        app.refund(&id, &refund_body("after", None)),
+    );
+    assert_eq!(done.status, RefundStatus::Completed, "{done:?}");
+    assert_eq!(done.refund_id, refunds[0].id, "{done:?}");
+    app.assert_all_settled(std::slice::from_ref(&id));
+}
