@@ -94,6 +94,7 @@ pub struct StackBuilder {
     service_bin: Option<PathBuf>,
     gateway: MockConfig,
     service_env: Vec<(String, String)>,
+    service_args: Vec<String>,
     identity_keys: Vec<String>,
     deployment_version: Option<String>,
     extras: Vec<ExtraService>,
@@ -147,6 +148,13 @@ impl StackBuilder {
     /// Adds a variable to the service's environment (e.g. `RUST_LOG`).
     pub fn service_env(mut self, name: &str, value: impl Into<String>) -> Self {
         self.service_env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// More flags for the service, after the mock gateway's (e.g.
+    /// `StripeConfig::to_args`, which chooses the Stripe gateway).
+    pub fn service_args(mut self, args: impl IntoIterator<Item = String>) -> Self {
+        self.service_args.extend(args);
         self
     }
 
@@ -392,6 +400,7 @@ impl StackBuilder {
             ..self.gateway.clone()
         };
         let mut args = gateway.to_args();
+        args.extend(self.service_args.iter().cloned());
         if !self.identity_keys.is_empty() {
             args.push(format!("--identity-keys={}", self.identity_keys.join(",")));
         }
@@ -454,6 +463,11 @@ impl Deployment {
                 "GATEWAY_RESPONSE_DELAY_MS",
                 "GATEWAY_LEDGER",
                 "GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS",
+                "GATEWAY",
+                "STRIPE_API_KEY",
+                "STRIPE_API_BASE",
+                "STRIPE_PAYMENT_METHOD",
+                "STRIPE_ALLOWED_PAYMENT_METHOD_TYPES",
             ] {
                 cmd.env_remove(var);
             }
@@ -537,6 +551,7 @@ impl Stack {
             service_bin: None,
             gateway: MockConfig::default(),
             service_env: Vec::new(),
+            service_args: Vec::new(),
             identity_keys: Vec::new(),
             deployment_version: None,
             extras: Vec::new(),

@@ -13,6 +13,7 @@ mod limits;
 mod logging;
 mod schema;
 mod signing;
+mod stripe_conformance;
 mod unknown_outcomes;
 mod upgrade;
 mod walkthrough;
