@@ -216,3 +216,53 @@ fn no_answer_or_a_refused_key_is_unknown_never_a_decline() {
         other => panic!("expected an unknown outcome, got {other:?}"),
     }
 }
+
+/// The service end to end through Restate with `--gateway stripe` at localstripe: a payment
+/// completes as a succeeded intent that carries its ID, and its refund is a Stripe refund
+/// under the service's refund key.
+#[test]
+fn the_service_charges_and_refunds_through_stripe() {
+    use crate::helpers::own_stack;
+    use payment_service::payment::{CreatePaymentBody, PaymentStatus, RefundPaymentBody};
+    use testkit::client::Answer;
+    use testkit::stack::Stack;
+
+    let app = own_stack(Stack::builder().service_args(config("pm_card_visa").to_args()));
+    let id = format!("e2e-{}", uuid::Uuid::new_v4().simple());
+    let paid = match app.create_payment(&id, &CreatePaymentBody::new(4200, "cust-e2e")) {
+        Answer::Ok(paid) => paid,
+        other => panic!("CreatePayment {id}: {other:?}"),
+    };
+    assert_eq!(paid.status, PaymentStatus::Completed, "{paid:?}");
+    let charge_id = paid.charge_id.expect("a charge ID");
+    let listed = intents_of(&id);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], charge_id.as_str());
+    assert_eq!(listed[0]["status"], "succeeded");
+    assert_eq!(listed[0]["amount"], 4200);
+
+    let body = RefundPaymentBody {
+        reason: None,
+        amount: Some(1000),
+    };
+    let refund = match app.refund(&id, &body) {
+        Answer::Ok(refund) => refund,
+        other => panic!("RefundPayment {id}: {other:?}"),
+    };
+    assert!(refund.refund_id.starts_with("re_"), "{refund:?}");
+    let refunds: Value = reqwest::blocking::Client::new()
+        .get(format!(
+            "{}/v1/refunds?payment_intent={charge_id}",
+            localstripe().api_base()
+        ))
+        .bearer_auth(localstripe::API_KEY)
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.json())
+        .expect("listing localstripe's refunds");
+    let refunds = refunds["data"].as_array().expect("a list");
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0]["id"], refund.refund_id.as_str());
+    assert_eq!(refunds[0]["amount"], 1000);
+    assert_eq!(refunds[0]["metadata"]["payment_id"], id.as_str());
+}
