@@ -15,8 +15,8 @@ use super::{
     RefundResponse, VoidRequest, VoidResponse,
 };
 use crate::stripe_sim::{
-    Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults,
-    LedgerFault, MemoryStore, Metadata, Post, Reply, SimConfig,
+    Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults, LedgerFault,
+    MemoryStore, Metadata, Post, Reply, SimConfig,
 };
 
 pub use crate::stripe_sim::DECLINE_CUSTOMER_PREFIX;
@@ -128,7 +128,12 @@ impl MockGateway {
         if dropped {
             return Err(GatewayError::Unknown("simulated lost answer".into()));
         }
-        tracing::debug!(key, status = reply.status(), replay = reply.replay, "gateway call");
+        tracing::debug!(
+            key,
+            status = reply.status(),
+            replay = reply.replay,
+            "gateway call"
+        );
         Ok(reply)
     }
 
@@ -212,7 +217,10 @@ impl PaymentGateway for MockGateway {
             payment_intent: request.charge_id.clone(),
             amount: Some(request.amount),
             metadata: Metadata::new(vec![
-                ("idempotency_key".to_owned(), request.idempotency_key.clone()),
+                (
+                    "idempotency_key".to_owned(),
+                    request.idempotency_key.clone(),
+                ),
                 ("payment_id".to_owned(), request.payment_id.clone()),
             ]),
         });
@@ -250,7 +258,9 @@ impl PaymentGateway for MockGateway {
                         Ok(VoidResponse::NothingCharged)
                     }
                     Body::Error(e) => Err(error_of(&e)),
-                    Body::Refund(_) => Err(GatewayError::Unknown("a refund answered a cancel".into())),
+                    Body::Refund(_) => {
+                        Err(GatewayError::Unknown("a refund answered a cancel".into()))
+                    }
                 }
             }
             // The charge reached the gateway first: what did it do?

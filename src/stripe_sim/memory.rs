@@ -93,9 +93,9 @@ impl MemoryStore {
         let mut store = Self::new();
         let oldest = (now_ms / 1000).saturating_sub(retention.as_secs());
         for (n, entry) in entries.iter().enumerate() {
-            store.replay(entry, oldest, now_ms).with_context(|| {
-                format!("ledger {} line {}: {entry:?}", path.display(), n + 1)
-            })?;
+            store
+                .replay(entry, oldest, now_ms)
+                .with_context(|| format!("ledger {} line {}: {entry:?}", path.display(), n + 1))?;
         }
         tracing::info!(
             path = %path.display(),
@@ -238,7 +238,9 @@ impl MemoryStore {
                     }
                     Some(Ids::Many(v)) => v.push(intent.id),
                     Some(one @ Ids::One(_)) => {
-                        let Ids::One(first) = *one else { unreachable!() };
+                        let Ids::One(first) = *one else {
+                            unreachable!()
+                        };
                         *one = Ids::Many(vec![first, intent.id]);
                     }
                 }
