@@ -75,7 +75,7 @@ pub struct LedgerEntry {
     /// A digest of the call's parameters (what a repeat of the key must match).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<String>,
-    /// The PaymentIntent a refund, confirm or cancel was for.
+    /// The PaymentIntent a refund, confirm or cancel was for, or that a declined create made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<String>,
     /// Why a call was rejected (Stripe's error code or type).

@@ -895,9 +895,12 @@ fn describe(line: &mut LedgerEntry, reply: &Reply) {
             line.amount = r.amount;
             None
         }
+        // A decline took no money: no ID (as the audit reads it), the intent named apart.
         Body::Error(e) if e.kind == "card_error" => {
             line.outcome = LedgerOutcome::Declined;
-            line.id = e.payment_intent.as_ref().map(|i| i.id());
+            if line.intent.is_none() {
+                line.intent = e.payment_intent.as_ref().map(|i| i.id());
+            }
             e.payment_intent.as_deref()
         }
         Body::Error(e) => {
