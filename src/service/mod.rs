@@ -291,7 +291,9 @@ impl PaymentService {
             .run(|| async move {
                 let started_at = Timestamp::now();
                 let payment_id = request.payment_id.as_str();
-                let result = if policy.key_alive(first.unwrap_or(started_at), started_at) {
+                // A first charge is always sent: the look-up is only for a key sent before.
+                let key_alive = first.is_none_or(|first| policy.key_alive(first, started_at));
+                let result = if key_alive {
                     debug!(%payment_id, idempotency_key = %request.idempotency_key, "charging through the gateway");
                     let Attempted { result, attempts } =
                         with_retries(policy.retry, payment_id, "charge", || {
@@ -391,7 +393,7 @@ impl PaymentService {
             .run(|| async move {
                 let now = Timestamp::now();
                 let payment_id = request.charge.payment_id.as_str();
-                let voided = if policy.key_alive(first.unwrap_or(now), now) {
+                let voided = if first.is_none_or(|first| policy.key_alive(first, now)) {
                     with_retries(policy.retry, payment_id, "void", || {
                         gateway.void(request.clone())
                     })
@@ -561,7 +563,8 @@ impl PaymentService {
             .run(|| async move {
                 let started_at = Timestamp::now();
                 let payment_id = call.payment_id.as_str();
-                let result = if policy.key_alive(first.unwrap_or(started_at), started_at) {
+                let key_alive = first.is_none_or(|first| policy.key_alive(first, started_at));
+                let result = if key_alive {
                     debug!(%payment_id, idempotency_key = %call.idempotency_key, "refunding through the gateway");
                     let Attempted { result, attempts } =
                         with_retries(policy.retry, payment_id, "refund", || {

@@ -360,6 +360,10 @@ fn http_client(timeout: Duration) -> reqwest::Client {
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .pool_max_idle_per_host(256)
+        // Below hyper's 30 s header-read timeout, which Restate's ingress closes idle
+        // connections by: a request sent on one just as it closes fails with "error sending
+        // request" and nothing reaches the server (seen in the tests' shared stack).
+        .pool_idle_timeout(Duration::from_secs(20))
         .build()
         .expect("an HTTP client")
 }

@@ -11,6 +11,7 @@ mod errors;
 mod helpers;
 mod limits;
 mod logging;
+mod mock_gateway;
 mod schema;
 mod signing;
 mod stripe_conformance;

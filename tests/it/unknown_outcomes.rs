@@ -53,14 +53,16 @@ fn wait_settled(app: &TestApp, id: &str) -> payment_service::payment::Payment {
 }
 
 #[test]
-fn a_gateway_that_never_answers_leaves_the_payment_pending_until_the_look_up_finds_no_charge() {
+fn a_gateway_that_never_answers_leaves_the_payment_pending_and_never_failed() {
+    // Down for charges and look-ups alike: the key's window (about 1 s of an 8 s retention)
+    // passes, and the look-ups find nothing out either.
     let app = own_stack(stack(
         MockConfig {
             error_rate: 1.0,
             ..MockConfig::default()
         },
         "500ms",
-        "12s",
+        "8s",
     ));
     let id = unique_id("unknown-down");
     let body = CreatePaymentBody::new(2500, "cust-dora");
@@ -72,7 +74,6 @@ fn a_gateway_that_never_answers_leaves_the_payment_pending_until_the_look_up_fin
         "{:?}",
         started.elapsed()
     );
-
     let pending = app.payment(&id);
     assert_eq!(pending.status, PaymentStatus::Pending, "{pending:?}");
     assert!(pending.attempts >= 3, "{pending:?}");
@@ -81,20 +82,15 @@ fn a_gateway_that_never_answers_leaves_the_payment_pending_until_the_look_up_fin
     let again = ok("CreatePayment again", app.create_payment(&id, &body));
     assert_eq!(again.status, PaymentStatus::Pending, "{again:?}");
 
-    // The key's window passes with no answer; the look-up finds that nothing was charged.
-    let end = wait_settled(&app, &id);
-    assert_eq!(end.status, PaymentStatus::Failed, "{end:?}");
-    assert!(
-        end.error_msg
-            .as_deref()
-            .unwrap_or("")
-            .contains("never charged"),
-        "{end:?}"
-    );
+    // Five rounds of Settle later, past the key's window: still pending, never failed.
+    wait_until(SETTLE_TIMEOUT, "Settle rounds", || {
+        Ok(app.payment(&id).attempts >= 18)
+    })
+    .unwrap();
+    let still = app.payment(&id);
+    assert_eq!(still.status, PaymentStatus::Pending, "{still:?}");
+    assert_eq!(still.error_msg, None, "{still:?}");
     assert!(acted(&app, &id, LedgerOp::Charge).is_empty());
-    let answer = ok("CreatePayment after", app.create_payment(&id, &body));
-    assert_eq!(answer.status, PaymentStatus::Failed, "{answer:?}");
-    app.assert_all_settled(std::slice::from_ref(&id));
 }
 
 #[test]
