@@ -316,7 +316,15 @@ impl PaymentClient {
                         (&self.counters.connection_errors, "connection error")
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
-                    Err(format!("{kind} (POST {url}: {e})"))
+                    // The causes too: reqwest's own message ("error sending request") says nothing
+                    // of what broke.
+                    let mut why = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(cause) = source {
+                        why = format!("{why}: {cause}");
+                        source = cause.source();
+                    }
+                    Err(format!("{kind} (POST {url}: {why})"))
                 }
             }
         };
