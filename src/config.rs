@@ -81,6 +81,16 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ERROR_RATE", default_value_t = 0.0, value_parser = parse_rate)]
     pub gateway_error_rate: f64,
 
+    /// Mock gateway: share of calls acted on and recorded whose answer is then lost (the
+    /// outcome unknown to the service), 0 to 1.
+    #[arg(long, env = "GATEWAY_DROP_RESPONSE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub gateway_drop_response_rate: f64,
+
+    /// Mock gateway: share of calls never answered (before acting), 0 to 1: the service's
+    /// per-attempt timeout ends them.
+    #[arg(long, env = "GATEWAY_HANG_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub gateway_hang_rate: f64,
+
     /// Mock gateway: milliseconds between acting and answering, where a network loses answers.
     #[arg(long, env = "GATEWAY_RESPONSE_DELAY_MS", default_value_t = 0)]
     pub gateway_response_delay_ms: u64,
@@ -122,6 +132,9 @@ impl Config {
             delay: Duration::from_millis(self.gateway_delay_ms),
             decline_rate: self.gateway_decline_rate,
             error_rate: self.gateway_error_rate,
+            drop_response_rate: self.gateway_drop_response_rate,
+            hang_rate: self.gateway_hang_rate,
+            key_retention: crate::stripe_sim::DEFAULT_KEY_RETENTION,
             response_delay: Duration::from_millis(self.gateway_response_delay_ms),
             ledger: self.gateway_ledger.clone(),
             #[cfg(feature = "fault-injection")]
@@ -140,6 +153,8 @@ impl MockConfig {
             format!("--gateway-delay-ms={}", self.delay.as_millis()),
             format!("--gateway-decline-rate={}", self.decline_rate),
             format!("--gateway-error-rate={}", self.error_rate),
+            format!("--gateway-drop-response-rate={}", self.drop_response_rate),
+            format!("--gateway-hang-rate={}", self.hang_rate),
             format!(
                 "--gateway-response-delay-ms={}",
                 self.response_delay.as_millis()
@@ -263,7 +278,10 @@ mod tests {
         let mock = MockConfig {
             delay: Duration::from_millis(20),
             decline_rate: 0.25,
-            error_rate: 0.5,
+            error_rate: 0.25,
+            drop_response_rate: 0.125,
+            hang_rate: 0.0625,
+            key_retention: crate::stripe_sim::DEFAULT_KEY_RETENTION,
             response_delay: Duration::from_millis(150),
             ledger: Some(PathBuf::from("/tmp/ledger.jsonl")),
             ignore_idempotency_keys: cfg!(feature = "fault-injection"),

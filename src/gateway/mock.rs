@@ -1,40 +1,49 @@
-//! A mock gateway that behaves like a real one where it matters: latency, declines,
-//! transient failures, and idempotency keys honoured across restarts (via its ledger).
+//! The in-process mock gateway: the [`PaymentGateway`] trait over the simulated Stripe
+//! ([`crate::stripe_sim`]), with no HTTP in between, mapped exactly as the Stripe adapter maps
+//! it (docs/stripe-subset: charge = create and confirm under the key; void = the key claimed by
+//! an unconfirmed create, then a cancel, or a refund). Its state is in memory, made durable by
+//! replaying its ledger at start.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_trait::async_trait;
-use uuid::Uuid;
 
-use super::ledger::{Ledger, LedgerEntry, LedgerOp, LedgerOutcome};
 use super::{
     ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest,
     RefundResponse, VoidRequest, VoidResponse,
 };
+use crate::stripe_sim::{
+    Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults,
+    LedgerFault, MemoryStore, Metadata, Post, Reply, SimConfig,
+};
 
-/// Customers whose ID starts with this are always declined, whatever the decline rate: the
-/// mock's equivalent of Stripe's test card numbers, for deterministic tests and demos.
-pub const DECLINE_CUSTOMER_PREFIX: &str = "decline-";
-/// The reason the mock gives for a decline, as the seed does.
+pub use crate::stripe_sim::DECLINE_CUSTOMER_PREFIX;
+/// The reason the mock gives for a decline, as the seed does (Stripe's `insufficient_funds`).
 pub const DECLINE_REASON: &str = "insufficient funds";
+/// The payment method charges are confirmed with, as the Stripe adapter's default.
+pub const PAYMENT_METHOD: &str = "pm_card_visa";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MockConfig {
-    /// Time the gateway takes before it acts (network and processing).
+    /// Time the gateway takes before it acts (network and processing), its key in flight.
     pub delay: Duration,
     /// Share of charges declined, from 0 (none) to 1 (all).
     pub decline_rate: f64,
-    /// Share of calls that fail transiently, before acting, from 0 to 1.
+    /// Share of calls that fail transiently, before acting, from 0 to 1: the outcome is
+    /// unknown to the caller.
     pub error_rate: f64,
+    /// Share of calls acted on and recorded whose answer is then lost (an unknown outcome).
+    pub drop_response_rate: f64,
+    /// Share of calls never answered, before acting: the caller's timeout ends them.
+    pub hang_rate: f64,
     /// Time between acting and answering: where a real network loses answers.
     pub response_delay: Duration,
     /// Where to keep the audit ledger; without one, keys are remembered in memory only.
     pub ledger: Option<PathBuf>,
+    /// How long an idempotency key's first answer is kept.
+    pub key_retention: Duration,
     /// Fault injection, never for production: act on every call as if its key were new.
     /// The crash test switches this on once to show that it then finds double charges.
     pub ignore_idempotency_keys: bool,
@@ -46,378 +55,275 @@ impl Default for MockConfig {
             delay: Duration::from_millis(100),
             decline_rate: 0.1,
             error_rate: 0.0,
+            drop_response_rate: 0.0,
+            hang_rate: 0.0,
             response_delay: Duration::ZERO,
             ledger: None,
+            key_retention: DEFAULT_KEY_RETENTION,
             ignore_idempotency_keys: false,
         }
     }
 }
 
-/// What the gateway did for one idempotency key. A mock remembers every key it has seen, in
-/// the service's own memory, so this is kept small (32 bytes) and without heap allocations of
-/// its own: see [`Book`].
-#[derive(Debug, Clone, Copy)]
-struct Done {
-    op: LedgerOp,
-    amount: u64,
-    outcome: LedgerOutcome,
-    /// The charge or refund ID (`ch_<uuid>`, `re_<uuid>`), when the operation succeeded.
-    id: Option<Uuid>,
-}
-
-const _: () = assert!(std::mem::size_of::<Done>() == 32);
-
-impl Done {
-    fn id(&self) -> Option<String> {
-        let prefix = match self.op {
-            LedgerOp::Charge => "ch",
-            LedgerOp::Refund => "re",
-        };
-        self.id.map(|id| format!("{prefix}_{}", id.simple()))
-    }
-}
-
-/// The gateway's memory of keys. A key is remembered by a 128-bit keyed digest rather than as a
-/// string: ~50 bytes a key, in tables without heap allocations of their own. Two keys collide
-/// with probability 2^-128; the ledger, which keeps the keys themselves, is the record.
-///
-/// The tables are sharded so that they grow in small steps. One table doubles to megabytes (3
-/// to 6 MB at ~57,000 keys), and glibc then raises its mmap threshold for good: the service's
-/// CPU per payment grew by about a fifth from there on (README "Performance"). 256 shards stay
-/// under glibc's default 128 KiB threshold up to ~450,000 keys.
-#[derive(Debug)]
-struct Book {
-    done: Vec<HashMap<KeyDigest, Done>>,
-    digest: Digester,
-    ledger: Option<Ledger>,
-    ignore_keys: bool,
-    /// Succeeded charges by payment ID, for [`PaymentGateway::find_charge`].
-    charged: HashMap<String, Uuid>,
-}
-
-const SHARDS: usize = 256;
-
-impl Default for Book {
-    fn default() -> Self {
-        Self {
-            done: (0..SHARDS).map(|_| HashMap::new()).collect(),
-            digest: Digester::default(),
-            ledger: None,
-            ignore_keys: false,
-            charged: HashMap::new(),
+impl MockConfig {
+    fn faults(&self) -> Faults {
+        Faults {
+            error_rate: self.error_rate,
+            drop_response_rate: self.drop_response_rate,
+            hang_rate: self.hang_rate,
         }
     }
 }
 
-type KeyDigest = u128;
-
-/// Two SipHash functions with independent random keys, chosen at start (the table is rebuilt
-/// from the ledger at every start, so digests never outlive the process).
-#[derive(Debug, Default)]
-struct Digester(RandomState, RandomState);
-
-impl Digester {
-    fn of(&self, key: &str) -> KeyDigest {
-        (u128::from(self.0.hash_one(key)) << 64) | u128::from(self.1.hash_one(key))
-    }
-}
-
-/// The simulated gateway. Cheap to clone; clones share their memory of keys.
+/// The simulated gateway, in process. Cheap to clone; clones share one engine.
 #[derive(Debug, Clone)]
 pub struct MockGateway {
     config: MockConfig,
-    book: Arc<Mutex<Book>>,
-}
-
-/// One call as the book sees it.
-struct Call {
-    op: LedgerOp,
-    key: String,
-    payment_id: String,
-    amount: u64,
+    faults: Faults,
+    engine: Arc<Engine<MemoryStore>>,
 }
 
 impl MockGateway {
-    /// Builds the gateway, reloading the ledger if one is configured.
+    /// Builds the gateway, replaying the ledger if one is configured.
     pub fn new(config: MockConfig) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&config.decline_rate),
-            "decline rate must be between 0 and 1, got {}",
-            config.decline_rate
-        );
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&config.error_rate),
-            "error rate must be between 0 and 1, got {}",
-            config.error_rate
-        );
-        let mut book = Book {
-            ignore_keys: config.ignore_idempotency_keys,
-            ..Book::default()
+        let faults = config.faults();
+        faults.check()?;
+        let sim = SimConfig {
+            decline_rate: config.decline_rate,
+            key_retention: config.key_retention,
+            ignore_idempotency_keys: config.ignore_idempotency_keys,
         };
-        if book.ignore_keys {
-            tracing::warn!("gateway ignores idempotency keys: retried calls will charge again");
-        }
-        if let Some(path) = &config.ledger {
-            let (ledger, entries) = Ledger::open(path)?;
-            for entry in entries.into_iter().filter(|e| !e.replay) {
-                let id = entry
-                    .id
-                    .as_deref()
-                    .map(parse_id)
-                    .transpose()
-                    .with_context(|| {
-                        format!("ledger {}: key {}", path.display(), entry.idempotency_key)
-                    })?;
-                let done = Done {
-                    op: entry.op,
-                    amount: entry.amount,
-                    outcome: entry.outcome,
-                    id,
-                };
-                let digest = book.digest.of(&entry.idempotency_key);
-                if let (LedgerOp::Charge, Some(id)) = (entry.op, id) {
-                    book.charged.insert(entry.payment_id.clone(), id);
-                }
-                book.remember(digest, done);
-            }
-            tracing::info!(path = %path.display(), keys = book.keys(), "gateway ledger loaded");
-            book.ledger = Some(ledger);
-        }
+        sim.check()?;
+        let store = match &config.ledger {
+            Some(path) => MemoryStore::open(path, config.key_retention, now_ms())?,
+            None => MemoryStore::new(),
+        };
         Ok(Self {
+            engine: Arc::new(Engine::new(store, sim)?),
+            faults,
             config,
-            book: Arc::new(Mutex::new(book)),
         })
     }
 
-    /// Performs `call` once per idempotency key: a new key runs `act` and records its outcome
-    /// (with a new ID if it succeeded), a known key answers the recorded result. The check, the
-    /// act and the ledger append happen under one lock, so two concurrent calls with one key
-    /// cannot both act.
-    async fn once(
-        &self,
-        call: Call,
-        act: impl FnOnce() -> LedgerOutcome + Send + 'static,
-    ) -> Result<Done, GatewayError> {
-        if !self.config.delay.is_zero() {
-            tokio::time::sleep(self.config.delay).await;
-        }
-        if self.config.error_rate > 0.0 && rand::random::<f64>() < self.config.error_rate {
-            return Err(GatewayError::Unknown("simulated timeout".into()));
-        }
-        let payment_id = call.payment_id.clone();
-        let record = {
-            let book = Arc::clone(&self.book);
-            move || {
-                let mut book = book.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                book.record(call, act)
+    /// Sends one POST as the Stripe adapter would, with the configured faults.
+    async fn post(&self, key: &str, post: Post) -> Result<Reply, GatewayError> {
+        let fault = self.faults.roll();
+        match fault {
+            // The request is lost on its way: the gateway never sees it.
+            Some(LedgerFault::Error) => {
+                return Err(GatewayError::Unknown("simulated timeout".into()));
             }
-        };
-        // The ledger's fsync blocks, so it runs off the async workers; without a ledger the
-        // lock is held for a hash lookup only.
-        let (done, replay) = if self.config.ledger.is_some() {
-            tokio::task::spawn_blocking(record)
-                .await
-                .map_err(|e| GatewayError::Unknown(format!("gateway task failed: {e}")))??
-        } else {
-            record()?
-        };
-        tracing::debug!(
-            %payment_id,
-            op = ?done.op,
-            outcome = ?done.outcome,
-            id = done.id().as_deref().unwrap_or("-"),
-            replay,
-            "gateway call"
-        );
+            Some(LedgerFault::Hang) => std::future::pending().await,
+            _ => {}
+        }
+        let dropped = fault == Some(LedgerFault::Drop);
+        let reply = self
+            .engine
+            .post(Some(key.to_owned()), post, self.config.delay, dropped)
+            .await
+            .map_err(|e| GatewayError::Unknown(format!("{e:#}")))?;
         if !self.config.response_delay.is_zero() {
             tokio::time::sleep(self.config.response_delay).await;
         }
-        Ok(done)
-    }
-}
-
-impl Book {
-    fn shard(&mut self, digest: KeyDigest) -> &mut HashMap<KeyDigest, Done> {
-        &mut self.done[(digest % SHARDS as u128) as usize]
+        if dropped {
+            return Err(GatewayError::Unknown("simulated lost answer".into()));
+        }
+        tracing::debug!(key, status = reply.status(), replay = reply.replay, "gateway call");
+        Ok(reply)
     }
 
-    fn remember(&mut self, digest: KeyDigest, done: Done) {
-        self.shard(digest).insert(digest, done);
-    }
-
-    fn keys(&self) -> usize {
-        self.done.iter().map(HashMap::len).sum()
-    }
-
-    fn record(
-        &mut self,
-        call: Call,
-        act: impl FnOnce() -> LedgerOutcome,
-    ) -> Result<(Done, bool), GatewayError> {
-        let digest = self.digest.of(&call.key);
-        let known = if self.ignore_keys {
-            None
-        } else {
-            self.shard(digest).get(&digest).copied()
-        };
-        let (done, replay) = match known {
-            Some(done) if done.op != call.op || done.amount != call.amount => {
-                return Err(GatewayError::Rejected(format!(
-                    "idempotency key {} was first used for a {:?} of {}, now for a {:?} of {}",
-                    call.key, done.op, done.amount, call.op, call.amount
-                )));
+    /// What a look-up answers, with the faults a call meets before the gateway acts.
+    async fn before_lookup(&self) -> Result<(), GatewayError> {
+        match self.faults.roll() {
+            Some(LedgerFault::Error) | Some(LedgerFault::Drop) => {
+                Err(GatewayError::Unknown("simulated timeout".into()))
             }
-            Some(done) => (done, true),
+            Some(LedgerFault::Hang) => std::future::pending().await,
             None => {
-                let outcome = act();
-                let done = Done {
-                    op: call.op,
-                    amount: call.amount,
-                    outcome,
-                    id: (outcome == LedgerOutcome::Succeeded).then(new_id),
-                };
-                (done, false)
+                if !self.config.delay.is_zero() {
+                    tokio::time::sleep(self.config.delay).await;
+                }
+                Ok(())
             }
-        };
-        if let Some(ledger) = &mut self.ledger {
-            let entry = LedgerEntry {
-                op: done.op,
-                idempotency_key: call.key,
-                payment_id: call.payment_id.clone(),
-                amount: done.amount,
-                outcome: done.outcome,
-                id: done.id(),
-                replay,
-            };
-            // Not recorded means not done: answer nothing, the caller retries with the key.
-            ledger
-                .append(&entry)
-                .map_err(|e| GatewayError::Unknown(format!("{e:#}")))?;
         }
-        if !replay {
-            if let (LedgerOp::Charge, Some(id)) = (done.op, done.id) {
-                self.charged.insert(call.payment_id, id);
-            }
-            self.remember(digest, done);
-        }
-        Ok((done, replay))
+    }
+
+    fn intent(request: &ChargeRequest, confirm: bool) -> Post {
+        Post::CreateIntent(CreateIntent {
+            amount: request.amount,
+            currency: Currency::parse(&request.currency)
+                .unwrap_or_else(|| Currency::parse("xxx").expect("a currency")),
+            confirm,
+            payment_method: Some(PAYMENT_METHOD.to_owned()),
+            payment_method_types: vec!["card".to_owned()],
+            metadata: Metadata::new(vec![
+                ("customer_id".to_owned(), request.customer_id.clone()),
+                ("payment_id".to_owned(), request.payment_id.clone()),
+            ]),
+        })
     }
 }
 
-/// A random (v4) UUID from the thread's generator: `Uuid::new_v4` would cost a `getrandom`
-/// system call per charge.
-fn new_id() -> Uuid {
-    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
+fn now_ms() -> u64 {
+    (crate::stripe_sim::system_clock())()
 }
 
-/// Reads back an ID written by [`Done::id`]: `ch_<uuid>` or `re_<uuid>`.
-fn parse_id(id: &str) -> anyhow::Result<Uuid> {
-    let (_, uuid) = id
-        .split_once('_')
-        .with_context(|| format!("unreadable gateway ID {id:?}"))?;
-    Uuid::parse_str(uuid).with_context(|| format!("unreadable gateway ID {id:?}"))
+/// The adapter's reading of an error answer (stripe-subset.md "Errors").
+fn error_of(e: &crate::stripe_sim::ApiError) -> GatewayError {
+    let what = format!("{} ({}): {}", e.kind, e.code.unwrap_or("-"), e.message);
+    match e.status {
+        409 | 429 | 401 | 403 | 500.. => GatewayError::Unknown(what),
+        _ => GatewayError::Rejected(what),
+    }
+}
+
+fn decline_reason(e: &crate::stripe_sim::ApiError) -> String {
+    if e.decline_code == Some("insufficient_funds") {
+        DECLINE_REASON.to_owned()
+    } else {
+        e.message.clone()
+    }
 }
 
 #[async_trait]
 impl PaymentGateway for MockGateway {
     async fn charge(&self, request: ChargeRequest) -> Result<ChargeResponse, GatewayError> {
-        let decline = request.customer_id.starts_with(DECLINE_CUSTOMER_PREFIX)
-            || (self.config.decline_rate > 0.0 && rand::random::<f64>() < self.config.decline_rate);
-        let call = Call {
-            op: LedgerOp::Charge,
-            key: request.idempotency_key,
-            payment_id: request.payment_id,
-            amount: request.amount,
-        };
-        let done = self
-            .once(call, move || {
-                if decline {
-                    LedgerOutcome::Declined
-                } else {
-                    LedgerOutcome::Succeeded
-                }
-            })
-            .await?;
-        Ok(match (done.outcome, done.id()) {
-            (LedgerOutcome::Succeeded, Some(charge_id)) => ChargeResponse::Succeeded { charge_id },
-            _ => ChargeResponse::Declined {
-                reason: DECLINE_REASON.to_owned(),
-            },
-        })
+        let post = Self::intent(&request, true);
+        let reply = self.post(&request.idempotency_key, post).await?;
+        match reply.body {
+            Body::Intent(i) if i.status == crate::stripe_sim::IntentStatus::Succeeded => {
+                Ok(ChargeResponse::Succeeded { charge_id: i.id() })
+            }
+            Body::Intent(i) => Err(GatewayError::Unknown(format!(
+                "intent {} is {}",
+                i.id(),
+                i.status.as_str()
+            ))),
+            Body::Error(e) if e.status == 402 => Ok(ChargeResponse::Declined {
+                reason: decline_reason(&e),
+            }),
+            Body::Error(e) => Err(error_of(&e)),
+            Body::Refund(_) => Err(GatewayError::Unknown("a refund answered a charge".into())),
+        }
     }
 
     async fn refund(&self, request: RefundRequest) -> Result<RefundResponse, GatewayError> {
-        let call = Call {
-            op: LedgerOp::Refund,
-            key: request.idempotency_key,
-            payment_id: request.payment_id,
-            amount: request.amount,
-        };
-        let done = self.once(call, || LedgerOutcome::Succeeded).await?;
-        done.id()
-            .map(|refund_id| RefundResponse { refund_id })
-            .ok_or_else(|| GatewayError::Rejected("refund recorded without an ID".into()))
+        let post = Post::CreateRefund(CreateRefund {
+            payment_intent: request.charge_id.clone(),
+            amount: Some(request.amount),
+            metadata: Metadata::new(vec![
+                ("idempotency_key".to_owned(), request.idempotency_key.clone()),
+                ("payment_id".to_owned(), request.payment_id.clone()),
+            ]),
+        });
+        let reply = self.post(&request.idempotency_key, post).await?;
+        match reply.body {
+            Body::Refund(r) => Ok(RefundResponse { refund_id: r.id() }),
+            Body::Error(e) => Err(error_of(&e)),
+            Body::Intent(_) => Err(GatewayError::Unknown("an intent answered a refund".into())),
+        }
     }
 
     async fn void(&self, request: VoidRequest) -> Result<VoidResponse, GatewayError> {
-        let charge = request.charge;
-        let (payment_id, amount) = (charge.payment_id.clone(), charge.amount);
-        // A charge under the key that has not arrived yet: the key is spent on a decline.
-        let call = Call {
-            op: LedgerOp::Charge,
-            key: charge.idempotency_key,
-            payment_id: payment_id.clone(),
-            amount,
-        };
-        let done = self.once(call, || LedgerOutcome::Declined).await?;
-        let Some(charge_id) = done.id() else {
-            return Ok(VoidResponse::NothingCharged);
-        };
-        let refund = self
-            .refund(RefundRequest {
-                idempotency_key: request.refund_key,
-                payment_id,
-                charge_id: charge_id.clone(),
-                amount,
-            })
+        let charge = &request.charge;
+        // Claim the key with a request that moves no money.
+        let claim = self
+            .post(&charge.idempotency_key, Self::intent(charge, false))
             .await?;
-        Ok(VoidResponse::Refunded {
-            charge_id,
-            refund_id: refund.refund_id,
-        })
+        match claim.body {
+            Body::Intent(intent) => {
+                let cancel = Post::Cancel {
+                    intent: intent.id(),
+                };
+                let reply = self
+                    .post(&format!("{}:cancel", charge.idempotency_key), cancel)
+                    .await?;
+                match reply.body {
+                    Body::Intent(_) => Ok(VoidResponse::NothingCharged),
+                    // Already cancelled (by an earlier void whose answer was lost).
+                    Body::Error(e)
+                        if e.code == Some("payment_intent_unexpected_state")
+                            && e.payment_intent.as_ref().is_some_and(|i| {
+                                i.status == crate::stripe_sim::IntentStatus::Canceled
+                            }) =>
+                    {
+                        Ok(VoidResponse::NothingCharged)
+                    }
+                    Body::Error(e) => Err(error_of(&e)),
+                    Body::Refund(_) => Err(GatewayError::Unknown("a refund answered a cancel".into())),
+                }
+            }
+            // The charge reached the gateway first: what did it do?
+            Body::Error(e) if e.kind == "idempotency_error" => {
+                match self.charge(charge.clone()).await? {
+                    ChargeResponse::Declined { .. } => Ok(VoidResponse::NothingCharged),
+                    ChargeResponse::Succeeded { charge_id } => {
+                        let refund = self
+                            .refund(RefundRequest {
+                                idempotency_key: request.refund_key.clone(),
+                                payment_id: charge.payment_id.clone(),
+                                charge_id: charge_id.clone(),
+                                amount: charge.amount,
+                            })
+                            .await?;
+                        Ok(VoidResponse::Refunded {
+                            charge_id,
+                            refund_id: refund.refund_id,
+                        })
+                    }
+                }
+            }
+            Body::Error(e) => Err(error_of(&e)),
+            Body::Refund(_) => Err(GatewayError::Unknown("a refund answered a create".into())),
+        }
     }
 
     async fn find_charge(&self, payment_id: &str) -> Result<ChargeLookup, GatewayError> {
-        let book = self.book.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(match book.charged.get(payment_id) {
-            Some(id) => ChargeLookup::Charged {
-                charge_id: format!("ch_{}", id.simple()),
+        self.before_lookup().await?;
+        let intents = self
+            .engine
+            .search(payment_id.to_owned())
+            .await
+            .map_err(|e| GatewayError::Unknown(format!("{e:#}")))?;
+        Ok(
+            match intents
+                .iter()
+                .find(|i| i.status == crate::stripe_sim::IntentStatus::Succeeded)
+            {
+                Some(i) => ChargeLookup::Charged { charge_id: i.id() },
+                None => ChargeLookup::NotCharged {
+                    reason: match intents.last() {
+                        None => "no charge for this payment".into(),
+                        Some(i) => format!("its intent {} is {}", i.id(), i.status.as_str()),
+                    },
+                },
             },
-            None => ChargeLookup::NotCharged {
-                reason: "no charge for this payment".into(),
-            },
-        })
+        )
     }
 
     async fn find_refund(
         &self,
         request: &RefundRequest,
     ) -> Result<Option<RefundResponse>, GatewayError> {
-        let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
-        let digest = book.digest.of(&request.idempotency_key);
-        Ok(book
-            .shard(digest)
-            .get(&digest)
-            .filter(|done| done.op == LedgerOp::Refund)
-            .and_then(Done::id)
-            .map(|refund_id| RefundResponse { refund_id }))
+        self.before_lookup().await?;
+        let refunds = self
+            .engine
+            .refunds(request.charge_id.clone())
+            .await
+            .map_err(|e| GatewayError::Unknown(format!("{e:#}")))?
+            .unwrap_or_default();
+        Ok(refunds
+            .iter()
+            .find(|r| r.metadata.get("idempotency_key") == Some(request.idempotency_key.as_str()))
+            .map(|r| RefundResponse { refund_id: r.id() }))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::read_ledger;
+    use crate::gateway::{LedgerOp, read_ledger};
+    use crate::stripe_sim::new_id;
 
     fn config(decline_rate: f64) -> MockConfig {
         MockConfig {

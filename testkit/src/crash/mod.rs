@@ -188,6 +188,7 @@ pub fn run(params: &Params, service_bin: Option<PathBuf>, keep: bool) -> anyhow:
         response_delay: Duration::from_millis(params.response_delay_ms),
         ledger: None,
         ignore_idempotency_keys: params.ignore_keys,
+        ..MockConfig::default()
     });
     if let Some(bin) = service_bin {
         builder = builder.service_bin(bin);

@@ -46,13 +46,9 @@ fn line(
         "refund"
     };
     LedgerEntry {
-        op,
-        idempotency_key: format!("{prefix}:{id}"),
-        payment_id: id.into(),
-        amount,
-        outcome,
         id: gw_id.map(str::to_owned),
         replay,
+        ..LedgerEntry::new(op, format!("{prefix}:{id}"), id, amount, outcome)
     }
 }
 

@@ -1,0 +1,294 @@
+//! The engine's rules, on the in-memory store with a clock the tests move.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::*;
+
+struct Sim {
+    engine: Arc<Engine<MemoryStore>>,
+    now: Arc<AtomicU64>,
+}
+
+fn sim(config: SimConfig) -> Sim {
+    let now = Arc::new(AtomicU64::new(1_800_000_000_000));
+    let clock_now = Arc::clone(&now);
+    let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
+    Sim {
+        engine: Arc::new(Engine::with_clock(MemoryStore::new(), config, clock).unwrap()),
+        now,
+    }
+}
+
+fn create(payment: &str, amount: u64, confirm: bool, pm: &str) -> Post {
+    Post::CreateIntent(CreateIntent {
+        amount,
+        currency: Currency::parse("usd").unwrap(),
+        confirm,
+        payment_method: Some(pm.into()),
+        payment_method_types: vec!["card".into()],
+        metadata: Metadata::new(vec![("payment_id".into(), payment.into())]),
+    })
+}
+
+fn refund(intent: &str, amount: Option<u64>) -> Post {
+    Post::CreateRefund(CreateRefund {
+        payment_intent: intent.into(),
+        amount,
+        metadata: Metadata::default(),
+    })
+}
+
+impl Sim {
+    /// Until a call holds its key (the spawned call has run to its delay), without a guessed
+    /// sleep.
+    async fn wait_in_flight(&self) {
+        while self.engine.lock().in_flight.is_empty() {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn post(&self, key: &str, post: Post) -> Reply {
+        self.engine
+            .post(Some(key.into()), post, Duration::ZERO, false)
+            .await
+            .unwrap()
+    }
+
+    async fn charge(&self, key: &str, payment: &str, amount: u64) -> Box<Intent> {
+        match self.post(key, create(payment, amount, true, "pm_card_visa")).await.body {
+            Body::Intent(i) => i,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn error(reply: &Reply) -> &ApiError {
+    match &reply.body {
+        Body::Error(e) => e,
+        other => panic!("not an error: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_key_replays_its_first_answer_even_after_the_intent_changed() {
+    let s = sim(SimConfig::default());
+    let first = s.post("k", create("p", 100, false, "pm_card_visa")).await;
+    let Body::Intent(intent) = &first.body else {
+        panic!("{first:?}")
+    };
+    assert_eq!(intent.status, IntentStatus::RequiresConfirmation);
+    let cancel = s.post("k:cancel", Post::Cancel { intent: intent.id() }).await;
+    assert!(matches!(&cancel.body, Body::Intent(i) if i.status == IntentStatus::Canceled));
+    let again = s.post("k", create("p", 100, false, "pm_card_visa")).await;
+    assert!(again.replay);
+    assert_eq!(again.body, first.body, "the first answer, as it was");
+}
+
+#[tokio::test]
+async fn a_key_with_other_parameters_is_an_idempotency_error() {
+    let s = sim(SimConfig::default());
+    s.charge("k", "p", 100).await;
+    let other = s.post("k", create("p", 100, false, "pm_card_visa")).await;
+    assert_eq!(error(&other).kind, "idempotency_error");
+    assert_eq!(error(&other).status, 400);
+    let amount = s.post("k", create("p", 200, true, "pm_card_visa")).await;
+    assert_eq!(error(&amount).kind, "idempotency_error");
+    // Neither acted: one intent.
+    assert_eq!(s.engine.search("p".into()).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_key_whose_first_request_runs_is_in_use_and_freed_if_it_is_dropped() {
+    let s = sim(SimConfig::default());
+    let engine = Arc::clone(&s.engine);
+    let slow = tokio::spawn(async move {
+        engine
+            .post(Some("k".into()), create("p", 100, true, "pm_card_visa"), Duration::from_millis(300), false)
+            .await
+            .unwrap()
+    });
+    s.wait_in_flight().await;
+    let r = s.post("k", create("p", 100, true, "pm_card_visa")).await;
+    assert_eq!(
+        (error(&r).status, error(&r).code),
+        (409, Some("idempotency_key_in_use"))
+    );
+    let first = slow.await.unwrap();
+    assert!(matches!(first.body, Body::Intent(_)));
+    assert!(s.post("k", create("p", 100, true, "pm_card_visa")).await.replay);
+
+    // A call dropped (a caller's timeout) while its key is in flight frees the key.
+    let engine = Arc::clone(&s.engine);
+    let dropped = tokio::spawn(async move {
+        engine
+            .post(Some("k2".into()), create("p2", 1, true, "pm_card_visa"), Duration::from_secs(60), false)
+            .await
+    });
+    s.wait_in_flight().await;
+    let r = s.post("k2", create("p2", 1, true, "pm_card_visa")).await;
+    assert_eq!(error(&r).status, 409);
+    dropped.abort();
+    let _ = dropped.await;
+    let after = s.post("k2", create("p2", 1, true, "pm_card_visa")).await;
+    assert!(matches!(after.body, Body::Intent(_)) && !after.replay, "{after:?}");
+}
+
+#[tokio::test]
+async fn keys_are_forgotten_after_the_retention() {
+    let s = sim(SimConfig {
+        key_retention: Duration::from_secs(10),
+        ..SimConfig::default()
+    });
+    let first = s.charge("k", "p", 100).await;
+    s.now.fetch_add(9_000, Ordering::SeqCst);
+    assert!(s.post("k", create("p", 100, true, "pm_card_visa")).await.replay);
+    s.now.fetch_add(1_000, Ordering::SeqCst);
+    let later = s.charge("k", "p", 100).await;
+    assert_ne!(later.id, first.id, "a forgotten key acts again");
+    assert_eq!(s.engine.search("p".into()).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn refunds_are_capped_at_what_is_left_and_listed() {
+    let s = sim(SimConfig::default());
+    let pi = s.charge("c", "p", 100).await.id();
+    let r1 = s.post("r1", refund(&pi, Some(60))).await;
+    assert!(matches!(&r1.body, Body::Refund(r) if r.amount == 60));
+    let over = s.post("r2", refund(&pi, Some(41))).await;
+    assert_eq!(error(&over).code, Some("amount_too_large"));
+    // The refusal is the key's answer: replayed, even with room made meanwhile? No room is
+    // made by refunds; the rest is refundable under a new key.
+    assert!(s.post("r2", refund(&pi, Some(41))).await.replay);
+    let rest = s.post("r3", refund(&pi, None)).await;
+    assert!(matches!(&rest.body, Body::Refund(r) if r.amount == 40));
+    let none_left = s.post("r4", refund(&pi, Some(1))).await;
+    assert_eq!(error(&none_left).code, Some("charge_already_refunded"));
+    let listed = s.engine.refunds(pi.clone()).await.unwrap().unwrap();
+    assert_eq!(listed.iter().map(|r| r.amount).collect::<Vec<_>>(), vec![40, 60]);
+    // An intent that did not succeed has nothing to refund.
+    let open = s.post("o", create("q", 5, false, "pm_card_visa")).await;
+    let Body::Intent(open) = open.body else { panic!() };
+    let e = s.post("r5", refund(&open.id(), None)).await;
+    assert_eq!(error(&e).code, Some("payment_intent_unexpected_state"));
+}
+
+#[tokio::test]
+async fn declines_by_payment_method_customer_and_rate() {
+    let s = sim(SimConfig::default());
+    let pm = s
+        .post("a", create("p", 1, true, DECLINING_PAYMENT_METHODS[0]))
+        .await;
+    let e = error(&pm);
+    assert_eq!((e.status, e.decline_code), (402, Some("insufficient_funds")));
+    assert_eq!(
+        e.payment_intent.as_ref().unwrap().status,
+        IntentStatus::RequiresPaymentMethod
+    );
+    let customer = Post::CreateIntent(CreateIntent {
+        metadata: Metadata::new(vec![("customer_id".into(), "decline-bob".into())]),
+        ..match create("q", 1, true, "pm_card_visa") {
+            Post::CreateIntent(c) => c,
+            _ => unreachable!(),
+        }
+    });
+    assert_eq!(error(&s.post("b", customer).await).status, 402);
+    let always = sim(SimConfig {
+        decline_rate: 1.0,
+        ..SimConfig::default()
+    });
+    assert_eq!(error(&always.post("c", create("r", 1, true, "pm_card_visa")).await).status, 402);
+}
+
+#[tokio::test]
+async fn void_both_ways_cancel_an_unconfirmed_intent_or_refuse_a_succeeded_one() {
+    let s = sim(SimConfig::default());
+    // The charge never arrived: the key is claimed unconfirmed, the intent cancelled.
+    let claim = s.post("k1", create("p1", 100, false, "pm_card_visa")).await;
+    let Body::Intent(i) = claim.body else { panic!() };
+    let c = s.post("k1:cancel", Post::Cancel { intent: i.id() }).await;
+    assert!(matches!(&c.body, Body::Intent(i) if i.status == IntentStatus::Canceled));
+    // The late charge is refused: the key is spent on another request.
+    let late = s.post("k1", create("p1", 100, true, "pm_card_visa")).await;
+    assert_eq!(error(&late).kind, "idempotency_error");
+    // A cancel of a cancelled intent, under a new key: unexpected state, with the intent.
+    let again = s.post("other", Post::Cancel { intent: i.id() }).await;
+    assert_eq!(error(&again).code, Some("payment_intent_unexpected_state"));
+    // The charge arrived first: the claim is refused, the cancel of a succeeded intent too.
+    let charged = s.charge("k2", "p2", 100).await;
+    let claim = s.post("k2", create("p2", 100, false, "pm_card_visa")).await;
+    assert_eq!(error(&claim).kind, "idempotency_error");
+    let c = s.post("k2:cancel", Post::Cancel { intent: charged.id() }).await;
+    assert_eq!(error(&c).code, Some("payment_intent_unexpected_state"));
+}
+
+#[tokio::test]
+async fn search_finds_a_payments_intents_and_confirm_moves_an_open_one() {
+    let s = sim(SimConfig::default());
+    assert!(s.engine.search("p".into()).await.unwrap().is_empty());
+    let open = s.post("a", create("p", 7, false, "pm_card_visa")).await;
+    let Body::Intent(open) = open.body else { panic!() };
+    s.charge("b", "other", 7).await;
+    let confirmed = s
+        .post("c", Post::Confirm { intent: open.id(), payment_method: None })
+        .await;
+    assert!(matches!(&confirmed.body, Body::Intent(i) if i.status == IntentStatus::Succeeded));
+    let found = s.engine.search("p".into()).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!((found[0].id, found[0].status), (open.id, IntentStatus::Succeeded));
+    let missing = s.post("d", Post::Confirm { intent: "pi_nope".into(), payment_method: None }).await;
+    assert_eq!(error(&missing).status, 404);
+}
+
+#[tokio::test]
+async fn the_ledger_rebuilds_keys_intents_and_refunds_and_marks_what_did_not_act() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.jsonl");
+    let open = || {
+        Arc::new(
+            Engine::new(
+                MemoryStore::open(&path, DEFAULT_KEY_RETENTION, (system_clock())()).unwrap(),
+                SimConfig::default(),
+            )
+            .unwrap(),
+        )
+    };
+    let post = |e: &Arc<Engine<MemoryStore>>, key: &str, p: Post| {
+        let e = Arc::clone(e);
+        let key = key.to_owned();
+        async move { e.post(Some(key), p, Duration::ZERO, false).await.unwrap() }
+    };
+    let e = open();
+    let Body::Intent(i) = post(&e, "c", create("p", 100, true, "pm_card_visa")).await.body else {
+        panic!()
+    };
+    let r = post(&e, "r", refund(&i.id(), Some(30))).await;
+    post(&e, "c", create("p", 999, true, "pm_card_visa")).await;
+    drop(e);
+    let e = open();
+    // The same refund (what the ledger does not carry, its metadata, comes back empty).
+    let (Body::Refund(first), Body::Refund(again)) =
+        (r.body, post(&e, "r", refund(&i.id(), Some(30))).await.body)
+    else {
+        panic!("refunds expected")
+    };
+    assert_eq!((first.id(), first.amount), (again.id(), again.amount));
+    let over = post(&e, "r2", refund(&i.id(), Some(71))).await;
+    assert_eq!(error(&over).code, Some("amount_too_large"));
+    let lines = crate::gateway::read_ledger(&path).unwrap().entries;
+    let acted: Vec<_> = lines.iter().map(|l| (l.op, l.outcome, l.acted())).collect();
+    use LedgerOp::*;
+    use LedgerOutcome::*;
+    assert_eq!(
+        acted,
+        vec![
+            (Charge, Succeeded, true),
+            (Refund, Succeeded, true),
+            (Charge, Rejected, false),
+            (Refund, Succeeded, false),
+            (Refund, Rejected, false),
+        ]
+    );
+    assert!(lines[3].replay);
+    assert_eq!(lines[2].error.as_deref(), Some("idempotency_error"));
+    assert_eq!(lines[1].intent.as_deref(), Some(i.id().as_str()));
+}
