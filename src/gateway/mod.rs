@@ -9,9 +9,11 @@
 mod ledger;
 mod mock;
 mod retry;
+mod stripe;
 
 use async_trait::async_trait;
 
+pub use self::stripe::{ApiKey, Intent, StripeConfig, StripeGateway};
 pub use ledger::{LedgerEntry, LedgerOp, LedgerOutcome, LedgerRead, read_ledger};
 pub use mock::{DECLINE_CUSTOMER_PREFIX, MockConfig, MockGateway};
 pub use retry::{RetryPolicy, with_retries};
@@ -65,16 +67,23 @@ pub enum VoidResponse {
     /// still on its way is refused when it arrives.
     NothingCharged,
     /// The charge had gone through; it is refunded in full.
-    Refunded { charge_id: String, refund_id: String },
+    Refunded {
+        charge_id: String,
+        refund_id: String,
+    },
 }
 
 /// What the gateway holds for a payment, found without an idempotency key (its keys may have
 /// expired): the final look-up for a charge whose outcome stayed unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeLookup {
-    Charged { charge_id: String },
+    Charged {
+        charge_id: String,
+    },
     /// No charge for the payment took money (none was made, or it was declined or cancelled).
-    NotCharged { reason: String },
+    NotCharged {
+        reason: String,
+    },
 }
 
 /// A call that got no final word, or whose request the gateway refused.
