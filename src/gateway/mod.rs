@@ -9,7 +9,7 @@
 mod ledger;
 mod mock;
 mod retry;
-mod stripe;
+pub mod stripe;
 
 use async_trait::async_trait;
 
