@@ -1,12 +1,18 @@
 //! Configuration: command-line flags, each with an environment variable.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Parser;
 
-use crate::gateway::{MockConfig, RetryPolicy};
+use crate::gateway::{
+    ApiKey, MockConfig, MockGateway, PaymentGateway, RetryPolicy, StripeConfig, StripeGateway,
+    stripe,
+};
 use crate::service::SettlePolicy;
 
 /// An idempotent payment service on Restate. Serve it, then register it with a Restate server
@@ -110,6 +116,112 @@ pub struct Config {
         default_value_t = false
     )]
     pub gateway_unsafe_ignore_idempotency_keys: bool,
+
+    /// Which gateway moves the money: `mock`, in this process (the `--gateway-*` flags above),
+    /// or `stripe`, Stripe's API (the `--stripe-*` flags below).
+    #[arg(long, env = "GATEWAY", value_enum, default_value_t = GatewayKind::Mock)]
+    pub gateway: GatewayKind,
+
+    /// Stripe: the secret key (`sk_test_…` for test mode). Required with `--gateway stripe`;
+    /// never logged. Prefer the environment variable: a flag shows in the process list.
+    #[arg(long, env = "STRIPE_API_KEY", hide_env_values = true)]
+    pub stripe_api_key: Option<ApiKey>,
+
+    /// Stripe: the API's base URL; another one only for a fake of Stripe in tests.
+    #[arg(long, env = "STRIPE_API_BASE", default_value = stripe::DEFAULT_API_BASE)]
+    pub stripe_api_base: String,
+
+    /// Stripe: the payment method every charge uses. In test mode e.g. `pm_card_visa`
+    /// (succeeds) or `pm_card_visa_chargeDeclinedInsufficientFunds` (declined).
+    #[arg(long, env = "STRIPE_PAYMENT_METHOD", default_value = stripe::DEFAULT_PAYMENT_METHOD)]
+    pub stripe_payment_method: String,
+
+    /// Stripe: the intents' `allowed_payment_method_types`, comma-separated; empty sends none
+    /// (for fakes of older API versions that refuse the parameter, e.g. localstripe).
+    #[arg(
+        long,
+        env = "STRIPE_ALLOWED_PAYMENT_METHOD_TYPES",
+        value_delimiter = ',',
+        default_value = "card"
+    )]
+    pub stripe_allowed_payment_method_types: Vec<String>,
+}
+
+/// The gateways `--gateway` chooses from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GatewayKind {
+    Mock,
+    Stripe,
+}
+
+impl fmt::Display for GatewayKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Mock => "mock",
+            Self::Stripe => "stripe",
+        })
+    }
+}
+
+impl Config {
+    /// The gateway the flags choose: the one place that reads `--gateway`.
+    pub fn gateway(&self) -> anyhow::Result<Arc<dyn PaymentGateway>> {
+        Ok(match self.gateway {
+            GatewayKind::Mock => Arc::new(
+                MockGateway::new(self.mock_gateway()).context("starting the mock gateway")?,
+            ),
+            GatewayKind::Stripe => Arc::new(
+                StripeGateway::new(self.stripe_gateway().map_err(anyhow::Error::msg)?)
+                    .context("starting the Stripe gateway")?,
+            ),
+        })
+    }
+
+    /// The Stripe gateway's settings; refused without a key.
+    pub fn stripe_gateway(&self) -> Result<StripeConfig, String> {
+        let api_key = self.stripe_api_key.clone().ok_or_else(|| {
+            "--gateway stripe needs Stripe's secret key: set STRIPE_API_KEY (or pass \
+             --stripe-api-key), e.g. a test-mode key sk_test_… from the Stripe dashboard"
+                .to_owned()
+        })?;
+        Ok(StripeConfig {
+            api_key,
+            api_base: self.stripe_api_base.clone(),
+            payment_method: self.stripe_payment_method.clone(),
+            allowed_payment_method_types: self
+                .stripe_allowed_payment_method_types
+                .iter()
+                .filter(|t| !t.is_empty())
+                .cloned()
+                .collect(),
+        })
+    }
+
+    /// Refuses to start a gateway whose settings are missing (before anything is served).
+    pub fn check_gateway(&self) -> Result<(), String> {
+        match self.gateway {
+            GatewayKind::Mock => Ok(()),
+            GatewayKind::Stripe => self.stripe_gateway().map(drop),
+        }
+    }
+}
+
+impl StripeConfig {
+    /// The service's command-line flags that give this Stripe gateway: the inverse of
+    /// [`Config::stripe_gateway`], for whatever starts the service (the test harness). The
+    /// key is among them: for test keys only (a real one belongs in `STRIPE_API_KEY`).
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--gateway=stripe".to_owned(),
+            format!("--stripe-api-key={}", self.api_key.expose()),
+            format!("--stripe-api-base={}", self.api_base),
+            format!("--stripe-payment-method={}", self.payment_method),
+            format!(
+                "--stripe-allowed-payment-method-types={}",
+                self.allowed_payment_method_types.join(",")
+            ),
+        ]
+    }
 }
 
 impl Config {
@@ -305,6 +417,42 @@ mod tests {
             "--gateway-unsafe-ignore-idempotency-keys",
         ];
         assert!(Config::try_parse_from(flag).is_err());
+    }
+
+    #[test]
+    fn the_gateway_is_the_mock_unless_told_and_stripe_needs_a_key() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("payment-service").chain(args.iter().copied()))
+        };
+        let default = parse(&[]).unwrap();
+        assert_eq!(default.gateway, GatewayKind::Mock);
+        assert!(default.check_gateway().is_ok());
+        assert!(parse(&["--gateway", "paypal"]).is_err());
+        let keyless = parse(&["--gateway", "stripe"]).unwrap();
+        let refused = keyless.check_gateway().unwrap_err();
+        assert!(refused.contains("STRIPE_API_KEY"), "{refused}");
+        let stripe = parse(&["--gateway", "stripe", "--stripe-api-key", "sk_test_x"])
+            .unwrap()
+            .stripe_gateway()
+            .unwrap();
+        assert_eq!(stripe, StripeConfig::new(ApiKey::new("sk_test_x")));
+        assert_eq!(stripe.api_base, "https://api.stripe.com");
+        assert_eq!(stripe.payment_method, "pm_card_visa");
+        assert_eq!(stripe.allowed_payment_method_types, ["card"]);
+    }
+
+    #[test]
+    fn stripe_gateway_flags_round_trip() {
+        let mut stripe = StripeConfig::new(ApiKey::new("sk_test_x"));
+        stripe.api_base = "http://127.0.0.1:8420".to_owned();
+        stripe.payment_method = "pm_card_chargeCustomerFail".to_owned();
+        for types in [vec![], vec!["card".to_owned(), "link".to_owned()]] {
+            stripe.allowed_payment_method_types = types;
+            let args = std::iter::once("payment-service".to_owned()).chain(stripe.to_args());
+            let config = Config::try_parse_from(args).unwrap();
+            assert_eq!(config.gateway, GatewayKind::Stripe);
+            assert_eq!(config.stripe_gateway().unwrap(), stripe);
+        }
     }
 
     #[test]

@@ -1,15 +1,14 @@
 //! `payment-service`: parse the configuration, start logging, serve until a signal.
 
-use std::sync::Arc;
-
 use anyhow::Context as _;
 use clap::Parser;
-use payment_service::{config::Config, gateway::MockGateway, server, telemetry};
+use payment_service::config::{Config, GatewayKind};
+use payment_service::{server, telemetry};
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init();
-    if let Err(refusal) = config.check_signing() {
+    if let Err(refusal) = config.check_signing().and_then(|()| config.check_gateway()) {
         tracing::error!("{refusal}");
         anyhow::bail!(refusal);
     }
@@ -19,21 +18,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let gateway = MockGateway::new(config.mock_gateway()).context("starting the mock gateway")?;
+    let gateway = config.gateway()?;
     let listener =
         server::listen(config.bind).with_context(|| format!("binding {}", config.bind))?;
     tracing::info!(
         addr = %listener.local_addr()?,
+        gateway = %config.gateway,
         gateway_delay_ms = config.gateway_delay_ms,
         gateway_decline_rate = config.gateway_decline_rate,
         worker_threads = config.worker_threads,
         "payment-service listening"
     );
-    let endpoint = server::endpoint(
-        Arc::new(gateway),
-        config.settle_policy(),
-        &config.identity_keys,
-    )?;
+    if config.gateway == GatewayKind::Stripe {
+        tracing::info!(api_base = %config.stripe_api_base, "gateway: Stripe's API");
+    }
+    let endpoint = server::endpoint(gateway, config.settle_policy(), &config.identity_keys)?;
     if config.identity_keys.is_empty() {
         tracing::info!("no identity keys: any caller that reaches this port can invoke handlers");
     }

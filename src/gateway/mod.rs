@@ -9,9 +9,11 @@
 mod ledger;
 mod mock;
 mod retry;
+pub mod stripe;
 
 use async_trait::async_trait;
 
+pub use self::stripe::{ApiKey, Intent, StripeConfig, StripeGateway};
 pub use ledger::{LedgerEntry, LedgerOp, LedgerOutcome, LedgerRead, read_ledger};
 pub use mock::{DECLINE_CUSTOMER_PREFIX, MockConfig, MockGateway};
 pub use retry::{Attempted, RetryPolicy, with_retries};
