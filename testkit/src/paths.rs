@@ -96,6 +96,11 @@ pub fn payment_service() -> anyhow::Result<PathBuf> {
     workspace_bin("PAYMENT_SERVICE_BIN", "payment-service")
 }
 
+/// The mock-gateway binary (`MOCK_GATEWAY_BIN`, or the build's own).
+pub fn mock_gateway() -> anyhow::Result<PathBuf> {
+    workspace_bin("MOCK_GATEWAY_BIN", "mock-gateway")
+}
+
 fn env_path(var: &str) -> Option<PathBuf> {
     std::env::var_os(var)
         .filter(|v| !v.is_empty())
