@@ -15,8 +15,8 @@ use super::{
     RefundResponse, VoidRequest, VoidResponse,
 };
 use crate::stripe_sim::{
-    Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults,
-    LedgerFault, MemoryStore, Metadata, Post, Reply, SimConfig,
+    Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults, LedgerFault,
+    MemoryStore, Metadata, Post, Reply, SimConfig,
 };
 
 pub use crate::stripe_sim::DECLINE_CUSTOMER_PREFIX;
@@ -106,7 +106,7 @@ impl MockGateway {
     }
 
     /// Sends one POST as the Stripe adapter would, with the configured faults.
-    async fn post(&self, key: &str, post: Post) -> Result<Reply, GatewayError> {
+    async fn post(&self, key: &str, payment_id: &str, post: Post) -> Result<Reply, GatewayError> {
         let fault = self.faults.roll();
         match fault {
             // The request is lost on its way: the gateway never sees it.
@@ -122,13 +122,22 @@ impl MockGateway {
             .post(Some(key.to_owned()), post, self.config.delay, dropped)
             .await
             .map_err(|e| GatewayError::Unknown(format!("{e:#}")))?;
+        // Logged once the gateway acted, before the answer travels back (a test kills the
+        // service in between).
+        tracing::debug!(
+            %payment_id,
+            key,
+            status = reply.status(),
+            replay = reply.replay,
+            dropped,
+            "gateway call"
+        );
         if !self.config.response_delay.is_zero() {
             tokio::time::sleep(self.config.response_delay).await;
         }
         if dropped {
             return Err(GatewayError::Unknown("simulated lost answer".into()));
         }
-        tracing::debug!(key, status = reply.status(), replay = reply.replay, "gateway call");
         Ok(reply)
     }
 
@@ -189,7 +198,9 @@ fn decline_reason(e: &crate::stripe_sim::ApiError) -> String {
 impl PaymentGateway for MockGateway {
     async fn charge(&self, request: ChargeRequest) -> Result<ChargeResponse, GatewayError> {
         let post = Self::intent(&request, true);
-        let reply = self.post(&request.idempotency_key, post).await?;
+        let reply = self
+            .post(&request.idempotency_key, &request.payment_id, post)
+            .await?;
         match reply.body {
             Body::Intent(i) if i.status == crate::stripe_sim::IntentStatus::Succeeded => {
                 Ok(ChargeResponse::Succeeded { charge_id: i.id() })
@@ -212,11 +223,16 @@ impl PaymentGateway for MockGateway {
             payment_intent: request.charge_id.clone(),
             amount: Some(request.amount),
             metadata: Metadata::new(vec![
-                ("idempotency_key".to_owned(), request.idempotency_key.clone()),
+                (
+                    "idempotency_key".to_owned(),
+                    request.idempotency_key.clone(),
+                ),
                 ("payment_id".to_owned(), request.payment_id.clone()),
             ]),
         });
-        let reply = self.post(&request.idempotency_key, post).await?;
+        let reply = self
+            .post(&request.idempotency_key, &request.payment_id, post)
+            .await?;
         match reply.body {
             Body::Refund(r) => Ok(RefundResponse { refund_id: r.id() }),
             Body::Error(e) => Err(error_of(&e)),
@@ -228,7 +244,11 @@ impl PaymentGateway for MockGateway {
         let charge = &request.charge;
         // Claim the key with a request that moves no money.
         let claim = self
-            .post(&charge.idempotency_key, Self::intent(charge, false))
+            .post(
+                &charge.idempotency_key,
+                &charge.payment_id,
+                Self::intent(charge, false),
+            )
             .await?;
         match claim.body {
             Body::Intent(intent) => {
@@ -236,7 +256,11 @@ impl PaymentGateway for MockGateway {
                     intent: intent.id(),
                 };
                 let reply = self
-                    .post(&format!("{}:cancel", charge.idempotency_key), cancel)
+                    .post(
+                        &format!("{}:cancel", charge.idempotency_key),
+                        &charge.payment_id,
+                        cancel,
+                    )
                     .await?;
                 match reply.body {
                     Body::Intent(_) => Ok(VoidResponse::NothingCharged),
@@ -250,7 +274,9 @@ impl PaymentGateway for MockGateway {
                         Ok(VoidResponse::NothingCharged)
                     }
                     Body::Error(e) => Err(error_of(&e)),
-                    Body::Refund(_) => Err(GatewayError::Unknown("a refund answered a cancel".into())),
+                    Body::Refund(_) => {
+                        Err(GatewayError::Unknown("a refund answered a cancel".into()))
+                    }
                 }
             }
             // The charge reached the gateway first: what did it do?

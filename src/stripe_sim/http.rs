@@ -99,8 +99,7 @@ fn json_answer(status: u16, body: &Value) -> Answer {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r.headers_mut().insert(
         "request-id",
-        HeaderValue::from_str(&format!("req_{}", super::new_id().simple()))
-            .expect("ASCII"),
+        HeaderValue::from_str(&format!("req_{}", super::new_id().simple())).expect("ASCII"),
     );
     r
 }
@@ -110,11 +109,7 @@ fn error_answer(e: &ApiError) -> Answer {
 }
 
 fn invalid(message: impl Into<String>, param: Option<&'static str>) -> ApiError {
-    ApiError::invalid(
-        param.map(|_| "parameter_missing"),
-        param,
-        message.into(),
-    )
+    ApiError::invalid(param.map(|_| "parameter_missing"), param, message.into())
 }
 
 async fn handle<S: Store>(
@@ -138,7 +133,12 @@ async fn handle<S: Store>(
     let query = req.uri().query().unwrap_or("").to_owned();
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
-        Err(e) => return Ok(error_answer(&invalid(format!("unreadable body: {e}"), None))),
+        Err(e) => {
+            return Ok(error_answer(&invalid(
+                format!("unreadable body: {e}"),
+                None,
+            )));
+        }
     };
     let fault = ctx.config.faults.roll();
     let route = route(&method, &path, &body, &query);
@@ -146,18 +146,15 @@ async fn handle<S: Store>(
     let answer = match route {
         Err(e) => error_answer(&e),
         Ok(Route::Post(post)) => {
-            match fault {
-                Some(f @ (LedgerFault::Error | LedgerFault::Hang)) => {
-                    if let Err(e) = ctx.engine.record_fault(key.clone(), post, f).await {
-                        tracing::error!("recording a fault: {e:#}");
-                    }
-                    if f == LedgerFault::Hang {
-                        tracing::info!(%path, "hanging (fault injection)");
-                        std::future::pending::<()>().await;
-                    }
-                    return Ok(injected_error());
+            if let Some(f @ (LedgerFault::Error | LedgerFault::Hang)) = fault {
+                if let Err(e) = ctx.engine.record_fault(key.clone(), post, f).await {
+                    tracing::error!("recording a fault: {e:#}");
                 }
-                _ => {}
+                if f == LedgerFault::Hang {
+                    tracing::info!(%path, "hanging (fault injection)");
+                    std::future::pending::<()>().await;
+                }
+                return Ok(injected_error());
             }
             let dropped = fault == Some(LedgerFault::Drop);
             match ctx
@@ -260,8 +257,18 @@ fn authorize(config: &ServeConfig, req: &Request<Incoming>) -> Result<(), ApiErr
 }
 
 fn mask(key: &str) -> String {
-    let tail: String = key.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
-    format!("{}{tail}", "*".repeat(key.chars().count().saturating_sub(4).min(20)))
+    let tail: String = key
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!(
+        "{}{tail}",
+        "*".repeat(key.chars().count().saturating_sub(4).min(20))
+    )
 }
 
 enum Route {
@@ -273,8 +280,16 @@ enum Route {
 
 fn route(method: &Method, path: &str, body: &[u8], query: &str) -> Result<Route, ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let form = || form_urlencoded::parse(body).into_owned().collect::<Vec<_>>();
-    let query = || form_urlencoded::parse(query.as_bytes()).into_owned().collect::<Vec<_>>();
+    let form = || {
+        form_urlencoded::parse(body)
+            .into_owned()
+            .collect::<Vec<_>>()
+    };
+    let query = || {
+        form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect::<Vec<_>>()
+    };
     match (method, segments.as_slice()) {
         (&Method::POST, ["v1", "payment_intents"]) => create_intent(&form()).map(Route::Post),
         (&Method::POST, ["v1", "payment_intents", id, "confirm"]) => {
@@ -346,8 +361,8 @@ fn amount(form: &[(String, String)]) -> Result<Option<u64>, ApiError> {
 }
 
 fn create_intent(form: &[(String, String)]) -> Result<Post, ApiError> {
-    let amount = amount(form)?
-        .ok_or_else(|| invalid("Missing required param: amount.", Some("amount")))?;
+    let amount =
+        amount(form)?.ok_or_else(|| invalid("Missing required param: amount.", Some("amount")))?;
     let currency = param(form, "currency")
         .ok_or_else(|| invalid("Missing required param: currency.", Some("currency")))?;
     let currency = Currency::parse(currency)
@@ -355,7 +370,12 @@ fn create_intent(form: &[(String, String)]) -> Result<Post, ApiError> {
     let confirm = match param(form, "confirm") {
         None | Some("false") => false,
         Some("true") => true,
-        Some(other) => return Err(invalid(format!("Invalid boolean: {other}"), Some("confirm"))),
+        Some(other) => {
+            return Err(invalid(
+                format!("Invalid boolean: {other}"),
+                Some("confirm"),
+            ));
+        }
     };
     let payment_method = param(form, "payment_method").map(str::to_owned);
     if confirm && payment_method.is_none() {
@@ -403,16 +423,13 @@ fn parse_search(q: &str) -> Result<String, ApiError> {
             Some("query"),
         )
     };
-    let rest = q
-        .trim()
-        .strip_prefix("metadata[")
-        .ok_or_else(unsupported)?;
+    let rest = q.trim().strip_prefix("metadata[").ok_or_else(unsupported)?;
     let (field, rest) = rest.split_once("]:").ok_or_else(unsupported)?;
     let unquote = |s: &str| {
         let s = s.trim();
-        ['\'', '"'].iter().find_map(|&q| {
-            s.strip_prefix(q)?.strip_suffix(q).map(str::to_owned)
-        })
+        ['\'', '"']
+            .iter()
+            .find_map(|&q| s.strip_prefix(q)?.strip_suffix(q).map(str::to_owned))
     };
     if unquote(field).as_deref() != Some("payment_id") {
         return Err(unsupported());
@@ -577,7 +594,11 @@ pub fn error_json(e: &ApiError) -> Value {
         error.insert("code".into(), code.into());
         error.insert(
             "doc_url".into(),
-            format!("https://stripe.com/docs/error-codes/{}", code.replace('_', "-")).into(),
+            format!(
+                "https://stripe.com/docs/error-codes/{}",
+                code.replace('_', "-")
+            )
+            .into(),
         );
     }
     if let Some(decline) = e.decline_code {

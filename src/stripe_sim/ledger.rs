@@ -75,7 +75,7 @@ pub struct LedgerEntry {
     /// A digest of the call's parameters (what a repeat of the key must match).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<String>,
-    /// The PaymentIntent a refund, confirm or cancel was for.
+    /// The PaymentIntent a refund, confirm or cancel was for, or that a declined create made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<String>,
     /// Why a call was rejected (Stripe's error code or type).
@@ -113,7 +113,11 @@ impl LedgerEntry {
     /// Whether the gateway did what the call asked (not a replay, a refusal or a fault):
     /// declines included, as a decline is the gateway acting.
     pub fn acted(&self) -> bool {
-        !self.replay && matches!(self.outcome, LedgerOutcome::Succeeded | LedgerOutcome::Declined)
+        !self.replay
+            && matches!(
+                self.outcome,
+                LedgerOutcome::Succeeded | LedgerOutcome::Declined
+            )
     }
 }
 
@@ -210,7 +214,13 @@ mod tests {
         let path = dir.path().join("ledger.jsonl");
         let entry = LedgerEntry {
             id: Some("ch_1".into()),
-            ..LedgerEntry::new(LedgerOp::Charge, "charge:p1", "p1", 100, LedgerOutcome::Succeeded)
+            ..LedgerEntry::new(
+                LedgerOp::Charge,
+                "charge:p1",
+                "p1",
+                100,
+                LedgerOutcome::Succeeded,
+            )
         };
         {
             let (mut ledger, existing) = Ledger::open(&path).unwrap();
@@ -245,7 +255,13 @@ mod tests {
         let path = dir.path().join("ledger.jsonl");
         let entry = LedgerEntry {
             id: Some("re_1".into()),
-            ..LedgerEntry::new(LedgerOp::Refund, "refund:p€", "p€", 5, LedgerOutcome::Succeeded)
+            ..LedgerEntry::new(
+                LedgerOp::Refund,
+                "refund:p€",
+                "p€",
+                5,
+                LedgerOutcome::Succeeded,
+            )
         };
         Ledger::open(&path).unwrap().0.append(&entry).unwrap();
         let line = serde_json::to_vec(&entry).unwrap();

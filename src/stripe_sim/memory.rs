@@ -93,9 +93,9 @@ impl MemoryStore {
         let mut store = Self::new();
         let oldest = (now_ms / 1000).saturating_sub(retention.as_secs());
         for (n, entry) in entries.iter().enumerate() {
-            store.replay(entry, oldest, now_ms).with_context(|| {
-                format!("ledger {} line {}: {entry:?}", path.display(), n + 1)
-            })?;
+            store
+                .replay(entry, oldest, now_ms)
+                .with_context(|| format!("ledger {} line {}: {entry:?}", path.display(), n + 1))?;
         }
         tracing::info!(
             path = %path.display(),
@@ -117,23 +117,34 @@ impl MemoryStore {
             Some(hex) => u64::from_str_radix(hex, 16).context("unreadable params digest")?,
             None => anyhow::bail!("a line without a params digest (written by an older build)"),
         };
-        let target = e
-            .intent
-            .as_deref()
-            .map(|id| model::parse_intent_id(id).context("unreadable intent ID"))
-            .transpose()?;
         let id = e.id.as_deref();
-        let mut intent = match (e.op, target) {
-            (LedgerOp::Charge | LedgerOp::Create, None) => {
-                if e.outcome == LedgerOutcome::Rejected {
-                    return Ok(());
-                }
-                let id = id
-                    .and_then(model::parse_intent_id)
-                    .context("an intent created without a readable ID")?;
+        // The intent the line is about: named apart (a refund, confirm, cancel or decline), or
+        // the ID of the intent a create made.
+        let target = match (e.intent.as_deref(), id) {
+            (Some(named), _) => {
+                Some(model::parse_intent_id(named).context("unreadable intent ID")?)
+            }
+            (None, Some(id)) if matches!(e.op, LedgerOp::Charge | LedgerOp::Create) => {
+                Some(model::parse_intent_id(id).context("unreadable intent ID")?)
+            }
+            _ => None,
+        };
+        let Some(target) = target else {
+            // Refused before an intent was named (a key reused or in use).
+            anyhow::ensure!(
+                e.outcome == LedgerOutcome::Rejected,
+                "a call without its intent"
+            );
+            return Ok(());
+        };
+        let mut intent = match self.get(&target) {
+            Some(intent) => intent,
+            None if matches!(e.op, LedgerOp::Charge | LedgerOp::Create)
+                && e.outcome != LedgerOutcome::Rejected =>
+            {
                 let metadata = Metadata::new(vec![("payment_id".into(), e.payment_id.clone())]);
                 Intent {
-                    id,
+                    id: target,
                     amount: e.amount,
                     currency: Currency::parse("usd").expect("a currency"),
                     status: IntentStatus::RequiresConfirmation,
@@ -145,13 +156,9 @@ impl MemoryStore {
                     refunds: Vec::new(),
                 }
             }
-            (_, Some(target)) => match self.get(&target) {
-                Some(intent) => intent,
-                // A call for an intent that was never there (404): nothing to rebuild.
-                None if e.outcome == LedgerOutcome::Rejected => return Ok(()),
-                None => anyhow::bail!("a call for an unknown intent"),
-            },
-            (_, None) => anyhow::bail!("a call without its intent"),
+            // A call for an intent that was never there (404): nothing to rebuild.
+            None if e.outcome == LedgerOutcome::Rejected => return Ok(()),
+            None => anyhow::bail!("a call for an unknown intent"),
         };
         let (kind, n) = match (e.op, e.outcome) {
             (LedgerOp::Create, LedgerOutcome::Succeeded) => (AnswerKind::Intent, 0),
@@ -238,7 +245,9 @@ impl MemoryStore {
                     }
                     Some(Ids::Many(v)) => v.push(intent.id),
                     Some(one @ Ids::One(_)) => {
-                        let Ids::One(first) = *one else { unreachable!() };
+                        let Ids::One(first) = *one else {
+                            unreachable!()
+                        };
                         *one = Ids::Many(vec![first, intent.id]);
                     }
                 }

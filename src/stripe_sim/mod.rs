@@ -152,7 +152,9 @@ pub enum Post {
         payment_method: Option<String>,
     },
     /// `POST /v1/payment_intents/:id/cancel`.
-    Cancel { intent: String },
+    Cancel {
+        intent: String,
+    },
     CreateRefund(CreateRefund),
 }
 
@@ -471,7 +473,13 @@ impl<S: Store> Engine<S> {
         .await?
     }
 
-    fn step(&self, key: &Option<String>, post: &Post, mode: Mode, dropped: bool) -> anyhow::Result<Step> {
+    fn step(
+        &self,
+        key: &Option<String>,
+        post: &Post,
+        mode: Mode,
+        dropped: bool,
+    ) -> anyhow::Result<Step> {
         let mut inner = self.lock();
         let inner = &mut *inner;
         let now_ms = (self.clock)();
@@ -481,7 +489,9 @@ impl<S: Store> Engine<S> {
             line.fault = Some(LedgerFault::Drop);
         }
         let fingerprint = post.fingerprint();
-        let key = key.as_deref().filter(|_| !self.config.ignore_idempotency_keys);
+        let key = key
+            .as_deref()
+            .filter(|_| !self.config.ignore_idempotency_keys);
         let digest = key.map(|k| inner.digest.of(k));
         if !matches!(mode, Mode::Act)
             && let (Some(key), Some(digest)) = (key, digest)
@@ -685,18 +695,16 @@ impl<S: Store> Engine<S> {
                 None,
             ));
         };
-        let unexpected = |intent: &Intent, action: &str| {
-            ApiError {
-                payment_intent: Some(Box::new(intent.clone())),
-                ..ApiError::invalid(
-                    Some("payment_intent_unexpected_state"),
-                    None,
-                    format!(
-                        "You cannot {action} this PaymentIntent because it has a status of {}.",
-                        intent.status.as_str()
-                    ),
-                )
-            }
+        let unexpected = |intent: &Intent, action: &str| ApiError {
+            payment_intent: Some(Box::new(intent.clone())),
+            ..ApiError::invalid(
+                Some("payment_intent_unexpected_state"),
+                None,
+                format!(
+                    "You cannot {action} this PaymentIntent because it has a status of {}.",
+                    intent.status.as_str()
+                ),
+            )
         };
         Ok(match post {
             Post::CreateIntent(_) => unreachable!("handled above"),
@@ -767,10 +775,10 @@ impl<S: Store> Engine<S> {
         })?;
         let body = match rec.kind {
             AnswerKind::Intent => Body::Intent(Box::new(
-                intent.as_of(rec.status, usize::from(rec.n)),
+                intent.answered_with(rec.status, usize::from(rec.n)),
             )),
             AnswerKind::Declined => {
-                let intent = intent.as_of(rec.status, usize::from(rec.n));
+                let intent = intent.answered_with(rec.status, usize::from(rec.n));
                 Body::Error(ApiError {
                     status: 402,
                     kind: "card_error",
@@ -798,7 +806,7 @@ impl<S: Store> Engine<S> {
                 Body::Error(too_large(&intent, asked, left))
             }
             AnswerKind::UnexpectedState => {
-                let intent = intent.as_of(rec.status, usize::from(rec.n));
+                let intent = intent.answered_with(rec.status, usize::from(rec.n));
                 let action = match post {
                     Post::Confirm { .. } => "confirm",
                     Post::Cancel { .. } => "cancel",
@@ -817,10 +825,7 @@ impl<S: Store> Engine<S> {
                 })
             }
         };
-        Ok(Reply {
-            body,
-            replay: true,
-        })
+        Ok(Reply { body, replay: true })
     }
 
     /// `GET /v1/payment_intents/:id`.
@@ -841,7 +846,10 @@ impl<S: Store> Engine<S> {
     }
 
     /// `GET /v1/refunds?payment_intent=<id>`: newest first, as Stripe lists.
-    pub async fn refunds(self: &Arc<Self>, intent: String) -> anyhow::Result<Option<Vec<RefundView>>> {
+    pub async fn refunds(
+        self: &Arc<Self>,
+        intent: String,
+    ) -> anyhow::Result<Option<Vec<RefundView>>> {
         let Some(intent) = self.retrieve(intent).await? else {
             return Ok(None);
         };
@@ -868,9 +876,7 @@ fn too_large(intent: &Intent, asked: u64, left: u64) -> ApiError {
         ApiError::invalid(
             Some("amount_too_large"),
             Some("amount"),
-            format!(
-                "Refund amount ({asked}) is greater than unrefunded amount on charge ({left})"
-            ),
+            format!("Refund amount ({asked}) is greater than unrefunded amount on charge ({left})"),
         )
     }
 }
@@ -889,9 +895,12 @@ fn describe(line: &mut LedgerEntry, reply: &Reply) {
             line.amount = r.amount;
             None
         }
+        // A decline took no money: no ID (as the audit reads it), the intent named apart.
         Body::Error(e) if e.kind == "card_error" => {
             line.outcome = LedgerOutcome::Declined;
-            line.id = e.payment_intent.as_ref().map(|i| i.id());
+            if line.intent.is_none() {
+                line.intent = e.payment_intent.as_ref().map(|i| i.id());
+            }
             e.payment_intent.as_deref()
         }
         Body::Error(e) => {

@@ -155,7 +155,7 @@ impl Intent {
     }
 
     /// The intent as it was when an answer with `status` was given (for a replay).
-    pub(crate) fn as_of(mut self, status: IntentStatus, refunds: usize) -> Self {
+    pub(crate) fn answered_with(mut self, status: IntentStatus, refunds: usize) -> Self {
         if status != IntentStatus::Canceled {
             self.canceled_at = None;
         }
@@ -184,7 +184,9 @@ pub fn refund_id(intent: &Uuid, n: u16) -> String {
 /// Reads `pi_<32 hex>` (or the `ch_` of its charge).
 pub fn parse_intent_id(id: &str) -> Option<Uuid> {
     let hex = id.strip_prefix("pi_").or_else(|| id.strip_prefix("ch_"))?;
-    (hex.len() == 32).then(|| Uuid::try_parse(hex).ok()).flatten()
+    (hex.len() == 32)
+        .then(|| Uuid::try_parse(hex).ok())
+        .flatten()
 }
 
 /// Reads `re_<32 hex><4 hex>`: the intent and the refund's index.
@@ -242,7 +244,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn invalid(code: Option<&'static str>, param: Option<&'static str>, message: String) -> Self {
+    pub fn invalid(
+        code: Option<&'static str>,
+        param: Option<&'static str>,
+        message: String,
+    ) -> Self {
         Self {
             status: 400,
             kind: "invalid_request_error",

@@ -55,7 +55,11 @@ impl Sim {
     }
 
     async fn charge(&self, key: &str, payment: &str, amount: u64) -> Box<Intent> {
-        match self.post(key, create(payment, amount, true, "pm_card_visa")).await.body {
+        match self
+            .post(key, create(payment, amount, true, "pm_card_visa"))
+            .await
+            .body
+        {
             Body::Intent(i) => i,
             other => panic!("{other:?}"),
         }
@@ -77,7 +81,14 @@ async fn a_key_replays_its_first_answer_even_after_the_intent_changed() {
         panic!("{first:?}")
     };
     assert_eq!(intent.status, IntentStatus::RequiresConfirmation);
-    let cancel = s.post("k:cancel", Post::Cancel { intent: intent.id() }).await;
+    let cancel = s
+        .post(
+            "k:cancel",
+            Post::Cancel {
+                intent: intent.id(),
+            },
+        )
+        .await;
     assert!(matches!(&cancel.body, Body::Intent(i) if i.status == IntentStatus::Canceled));
     let again = s.post("k", create("p", 100, false, "pm_card_visa")).await;
     assert!(again.replay);
@@ -103,7 +114,12 @@ async fn a_key_whose_first_request_runs_is_in_use_and_freed_if_it_is_dropped() {
     let engine = Arc::clone(&s.engine);
     let slow = tokio::spawn(async move {
         engine
-            .post(Some("k".into()), create("p", 100, true, "pm_card_visa"), Duration::from_millis(300), false)
+            .post(
+                Some("k".into()),
+                create("p", 100, true, "pm_card_visa"),
+                Duration::from_millis(300),
+                false,
+            )
             .await
             .unwrap()
     });
@@ -115,13 +131,22 @@ async fn a_key_whose_first_request_runs_is_in_use_and_freed_if_it_is_dropped() {
     );
     let first = slow.await.unwrap();
     assert!(matches!(first.body, Body::Intent(_)));
-    assert!(s.post("k", create("p", 100, true, "pm_card_visa")).await.replay);
+    assert!(
+        s.post("k", create("p", 100, true, "pm_card_visa"))
+            .await
+            .replay
+    );
 
     // A call dropped (a caller's timeout) while its key is in flight frees the key.
     let engine = Arc::clone(&s.engine);
     let dropped = tokio::spawn(async move {
         engine
-            .post(Some("k2".into()), create("p2", 1, true, "pm_card_visa"), Duration::from_secs(60), false)
+            .post(
+                Some("k2".into()),
+                create("p2", 1, true, "pm_card_visa"),
+                Duration::from_secs(60),
+                false,
+            )
             .await
     });
     s.wait_in_flight().await;
@@ -130,7 +155,10 @@ async fn a_key_whose_first_request_runs_is_in_use_and_freed_if_it_is_dropped() {
     dropped.abort();
     let _ = dropped.await;
     let after = s.post("k2", create("p2", 1, true, "pm_card_visa")).await;
-    assert!(matches!(after.body, Body::Intent(_)) && !after.replay, "{after:?}");
+    assert!(
+        matches!(after.body, Body::Intent(_)) && !after.replay,
+        "{after:?}"
+    );
 }
 
 #[tokio::test]
@@ -141,7 +169,11 @@ async fn keys_are_forgotten_after_the_retention() {
     });
     let first = s.charge("k", "p", 100).await;
     s.now.fetch_add(9_000, Ordering::SeqCst);
-    assert!(s.post("k", create("p", 100, true, "pm_card_visa")).await.replay);
+    assert!(
+        s.post("k", create("p", 100, true, "pm_card_visa"))
+            .await
+            .replay
+    );
     s.now.fetch_add(1_000, Ordering::SeqCst);
     let later = s.charge("k", "p", 100).await;
     assert_ne!(later.id, first.id, "a forgotten key acts again");
@@ -164,10 +196,15 @@ async fn refunds_are_capped_at_what_is_left_and_listed() {
     let none_left = s.post("r4", refund(&pi, Some(1))).await;
     assert_eq!(error(&none_left).code, Some("charge_already_refunded"));
     let listed = s.engine.refunds(pi.clone()).await.unwrap().unwrap();
-    assert_eq!(listed.iter().map(|r| r.amount).collect::<Vec<_>>(), vec![40, 60]);
+    assert_eq!(
+        listed.iter().map(|r| r.amount).collect::<Vec<_>>(),
+        vec![40, 60]
+    );
     // An intent that did not succeed has nothing to refund.
     let open = s.post("o", create("q", 5, false, "pm_card_visa")).await;
-    let Body::Intent(open) = open.body else { panic!() };
+    let Body::Intent(open) = open.body else {
+        panic!()
+    };
     let e = s.post("r5", refund(&open.id(), None)).await;
     assert_eq!(error(&e).code, Some("payment_intent_unexpected_state"));
 }
@@ -179,7 +216,10 @@ async fn declines_by_payment_method_customer_and_rate() {
         .post("a", create("p", 1, true, DECLINING_PAYMENT_METHODS[0]))
         .await;
     let e = error(&pm);
-    assert_eq!((e.status, e.decline_code), (402, Some("insufficient_funds")));
+    assert_eq!(
+        (e.status, e.decline_code),
+        (402, Some("insufficient_funds"))
+    );
     assert_eq!(
         e.payment_intent.as_ref().unwrap().status,
         IntentStatus::RequiresPaymentMethod
@@ -196,7 +236,10 @@ async fn declines_by_payment_method_customer_and_rate() {
         decline_rate: 1.0,
         ..SimConfig::default()
     });
-    assert_eq!(error(&always.post("c", create("r", 1, true, "pm_card_visa")).await).status, 402);
+    assert_eq!(
+        error(&always.post("c", create("r", 1, true, "pm_card_visa")).await).status,
+        402
+    );
 }
 
 #[tokio::test]
@@ -204,7 +247,9 @@ async fn void_both_ways_cancel_an_unconfirmed_intent_or_refuse_a_succeeded_one()
     let s = sim(SimConfig::default());
     // The charge never arrived: the key is claimed unconfirmed, the intent cancelled.
     let claim = s.post("k1", create("p1", 100, false, "pm_card_visa")).await;
-    let Body::Intent(i) = claim.body else { panic!() };
+    let Body::Intent(i) = claim.body else {
+        panic!()
+    };
     let c = s.post("k1:cancel", Post::Cancel { intent: i.id() }).await;
     assert!(matches!(&c.body, Body::Intent(i) if i.status == IntentStatus::Canceled));
     // The late charge is refused: the key is spent on another request.
@@ -217,7 +262,14 @@ async fn void_both_ways_cancel_an_unconfirmed_intent_or_refuse_a_succeeded_one()
     let charged = s.charge("k2", "p2", 100).await;
     let claim = s.post("k2", create("p2", 100, false, "pm_card_visa")).await;
     assert_eq!(error(&claim).kind, "idempotency_error");
-    let c = s.post("k2:cancel", Post::Cancel { intent: charged.id() }).await;
+    let c = s
+        .post(
+            "k2:cancel",
+            Post::Cancel {
+                intent: charged.id(),
+            },
+        )
+        .await;
     assert_eq!(error(&c).code, Some("payment_intent_unexpected_state"));
 }
 
@@ -226,16 +278,35 @@ async fn search_finds_a_payments_intents_and_confirm_moves_an_open_one() {
     let s = sim(SimConfig::default());
     assert!(s.engine.search("p".into()).await.unwrap().is_empty());
     let open = s.post("a", create("p", 7, false, "pm_card_visa")).await;
-    let Body::Intent(open) = open.body else { panic!() };
+    let Body::Intent(open) = open.body else {
+        panic!()
+    };
     s.charge("b", "other", 7).await;
     let confirmed = s
-        .post("c", Post::Confirm { intent: open.id(), payment_method: None })
+        .post(
+            "c",
+            Post::Confirm {
+                intent: open.id(),
+                payment_method: None,
+            },
+        )
         .await;
     assert!(matches!(&confirmed.body, Body::Intent(i) if i.status == IntentStatus::Succeeded));
     let found = s.engine.search("p".into()).await.unwrap();
     assert_eq!(found.len(), 1);
-    assert_eq!((found[0].id, found[0].status), (open.id, IntentStatus::Succeeded));
-    let missing = s.post("d", Post::Confirm { intent: "pi_nope".into(), payment_method: None }).await;
+    assert_eq!(
+        (found[0].id, found[0].status),
+        (open.id, IntentStatus::Succeeded)
+    );
+    let missing = s
+        .post(
+            "d",
+            Post::Confirm {
+                intent: "pi_nope".into(),
+                payment_method: None,
+            },
+        )
+        .await;
     assert_eq!(error(&missing).status, 404);
 }
 
@@ -258,7 +329,10 @@ async fn the_ledger_rebuilds_keys_intents_and_refunds_and_marks_what_did_not_act
         async move { e.post(Some(key), p, Duration::ZERO, false).await.unwrap() }
     };
     let e = open();
-    let Body::Intent(i) = post(&e, "c", create("p", 100, true, "pm_card_visa")).await.body else {
+    let Body::Intent(i) = post(&e, "c", create("p", 100, true, "pm_card_visa"))
+        .await
+        .body
+    else {
         panic!()
     };
     let r = post(&e, "r", refund(&i.id(), Some(30))).await;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub use payment_service::gateway::{LedgerEntry, LedgerOp, LedgerOutcome, LedgerRead, read_ledger};
+pub use payment_service::stripe_sim::LedgerFault;
 
 /// The entries of one payment, in ledger order.
 pub fn of_payment(path: &Path, payment_id: &str) -> anyhow::Result<Vec<LedgerEntry>> {

@@ -96,7 +96,9 @@ pub fn payment_service() -> anyhow::Result<PathBuf> {
     workspace_bin("PAYMENT_SERVICE_BIN", "payment-service")
 }
 
-/// The mock-gateway binary (`MOCK_GATEWAY_BIN`, or the build's own).
+/// The `mock-gateway` binary (`MOCK_GATEWAY_BIN`, or the workspace's): the simulated Stripe
+/// as a process (`mock-gateway --help`; it prints `mock-gateway ready on http://<addr>` and
+/// answers `GET /healthz` once it serves).
 pub fn mock_gateway() -> anyhow::Result<PathBuf> {
     workspace_bin("MOCK_GATEWAY_BIN", "mock-gateway")
 }

@@ -12,6 +12,7 @@ mod gateway_process;
 mod helpers;
 mod limits;
 mod logging;
+mod mock_gateway;
 mod schema;
 mod signing;
 mod unknown_outcomes;
