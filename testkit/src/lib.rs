@@ -13,6 +13,7 @@
 //! | [`admin`]   | Restate's admin API: registration, health, the SQL queries                 |
 //! | [`client`]  | the typed client of the three handlers, transient errors, retries          |
 //! | [`ledger`]  | the gateway's ledger, read-only, per payment                               |
+//! | [`localstripe`] | localstripe, a fake of Stripe's API, on a free port, for the Stripe adapter's conformance test |
 //! | [`load`]    | the load engine: closed loop, scheduled, latency histograms, process CPU and memory |
 //! | [`bench`]   | the benchmark against the floor (`stackctl bench`, README "Performance")    |
 //! | [`bodies`]  | oversized request bodies, sent fast or slowly; `stackctl measure bodies` (README "Limits") |
@@ -32,6 +33,7 @@ pub mod client;
 pub mod crash;
 pub mod ledger;
 pub mod load;
+pub mod localstripe;
 pub mod measure;
 pub mod paths;
 pub mod ports;

@@ -104,6 +104,7 @@ pub struct StackBuilder {
     service_bin: Option<PathBuf>,
     gateway: MockConfig,
     service_env: Vec<(String, String)>,
+    service_args: Vec<String>,
     identity_keys: Vec<String>,
     deployment_version: Option<String>,
     extras: Vec<ExtraService>,
@@ -182,6 +183,13 @@ impl StackBuilder {
     /// Adds a variable to the service's environment (e.g. `RUST_LOG`).
     pub fn service_env(mut self, name: &str, value: impl Into<String>) -> Self {
         self.service_env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// More flags for the service, after the mock gateway's (e.g.
+    /// `StripeConfig::to_args`, which chooses the Stripe gateway).
+    pub fn service_args(mut self, args: impl IntoIterator<Item = String>) -> Self {
+        self.service_args.extend(args);
         self
     }
 
@@ -518,6 +526,7 @@ impl StackBuilder {
             }
             .to_args(),
         };
+        args.extend(self.service_args.iter().cloned());
         if !self.identity_keys.is_empty() {
             args.push(format!("--identity-keys={}", self.identity_keys.join(",")));
         }
@@ -725,6 +734,7 @@ impl Stack {
             service_bin: None,
             gateway: MockConfig::default(),
             service_env: Vec::new(),
+            service_args: Vec::new(),
             identity_keys: Vec::new(),
             deployment_version: None,
             extras: Vec::new(),

@@ -15,6 +15,7 @@ mod logging;
 mod mock_gateway;
 mod schema;
 mod signing;
+mod stripe_conformance;
 mod unknown_outcomes;
 mod upgrade;
 mod walkthrough;

@@ -152,3 +152,21 @@ fn a_charge_whose_answers_are_lost_ends_completed_with_its_one_charge() {
     assert_eq!(done.refund_id, refunds[0].id, "{done:?}");
     app.assert_all_settled(std::slice::from_ref(&id));
 }
+
+#[test]
+fn settle_is_not_callable_through_the_ingress() {
+    let app = crate::helpers::spawn_app();
+    let id = unique_id("settle-private");
+    let (status, answer) = app.call_raw(
+        &id,
+        "Settle",
+        Some(bytes::Bytes::from_static(br#"{"round":0}"#)),
+        &[("content-type", "application/json")],
+    );
+    assert!((400..500).contains(&status), "{status} {answer}");
+    assert_eq!(
+        app.get_payment(&id).status(),
+        404,
+        "Settle created a payment"
+    );
+}
