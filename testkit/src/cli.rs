@@ -263,14 +263,7 @@ fn cluster_up(
             socket.display()
         );
     }
-    let stack = Arc::new(start_fixed(
-        dir,
-        fresh,
-        nodes,
-        service_port,
-        name,
-        gateway,
-    )?);
+    let stack = Arc::new(start_fixed(dir, fresh, nodes, service_port, name, gateway)?);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("binding the control socket {}", socket.display()))?;

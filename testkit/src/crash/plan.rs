@@ -355,7 +355,7 @@ mod tests {
                 .iter()
                 .filter_map(|k| match k.target {
                     Target::Node(i) => Some(i),
-                    Target::Service => None,
+                    Target::Service | Target::Gateway => None,
                 })
                 .collect();
             assert_eq!(nodes.len(), 6);
