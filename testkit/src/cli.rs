@@ -47,7 +47,22 @@ enum StackCommand {
         node_port: u16,
         #[arg(long, env = "SERVICE_PORT", default_value_t = 9090)]
         service_port: u16,
+        #[command(flatten)]
+        gateway: GatewayProcessArgs,
     },
+}
+
+/// The gateway as a process of the stack (`stack up`, `cluster up`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayProcessArgs {
+    /// Run the gateway as a process of its own: `mock-gateway` (a simulated Stripe) with the
+    /// GATEWAY_* settings (delay, decline, error, drop-response and hang rates), its database
+    /// and ledger in the data folder, and the service with `--gateway stripe` against it.
+    #[arg(long)]
+    pub gateway_process: bool,
+    /// With --gateway-process: mock-gateway's port.
+    #[arg(long, env = "GATEWAY_PORT", default_value_t = 12111)]
+    pub gateway_port: u16,
 }
 
 /// Options of `stackctl cluster`.
@@ -80,6 +95,8 @@ enum ClusterCommand {
         service_port: u16,
         #[arg(long, env = "CLUSTER_NAME", default_value = "payment-cluster")]
         name: String,
+        #[command(flatten)]
+        gateway: ClusterGatewayArgs,
     },
     /// Which processes run, and `restatectl status`.
     Status,
@@ -101,6 +118,21 @@ enum ClusterCommand {
     },
     KillService,
     StartService,
+    /// SIGKILL the gateway process (with `up --gateway-process`).
+    KillGateway,
+    /// Start the gateway process again, on its database.
+    StartGateway,
+}
+
+/// [`GatewayProcessArgs`] with the cluster's port range.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterGatewayArgs {
+    /// As `stack up --gateway-process`.
+    #[arg(long)]
+    pub gateway_process: bool,
+    /// With --gateway-process: mock-gateway's port.
+    #[arg(long, env = "GATEWAY_PORT", default_value_t = 20111)]
+    pub gateway_port: u16,
 }
 
 pub fn stack(args: StackArgs) -> anyhow::Result<()> {
@@ -111,13 +143,14 @@ pub fn stack(args: StackArgs) -> anyhow::Result<()> {
         admin_port,
         node_port,
         service_port,
+        gateway,
     } = args.command;
     let nodes = vec![NodePorts {
         ingress: ingress_port,
         admin: admin_port,
         node: node_port,
     }];
-    let stack = start_fixed(&dir, fresh, nodes, service_port, "payment-stack")?;
+    let stack = start_fixed(&dir, fresh, nodes, service_port, "payment-stack", &gateway)?;
     let ingress = stack.ingress_url(0);
     let restate = paths::repo_root().join("scripts/restate/node_modules/.bin/restate");
     println!(
@@ -132,13 +165,17 @@ pub fn stack(args: StackArgs) -> anyhow::Result<()> {
          -H 'Content-Type: application/json' \\\n    -d '{{\"reason\": \"Customer request\", \"amount\": 10000}}'\n\n\
          Inspect the virtual object's state with the Restate CLI:\n  \
          RESTATE_ADMIN_URL={} {} kv get PaymentService payment-001\n\n\
-         Gateway audit ledger (one line per gateway call): {}\n\
+         Gateway: {}; its audit ledger (one line per gateway call): {}\n\
          State persists in {} across runs; use --fresh to start over.\nPress Ctrl-C to stop everything.\n",
         stack.admin_url(0),
         stack.service_url(),
         dir.display(),
         stack.admin_url(0),
         restate.display(),
+        stack.gateway_url().map_or("the service's in-process mock".into(), |url| format!(
+            "mock-gateway at {url} (the service with --gateway stripe; log {}/mock-gateway.log)",
+            dir.display()
+        )),
         stack
             .ledger()
             .map_or("none".into(), |p| p.display().to_string()),
@@ -163,6 +200,7 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
             node_ports,
             service_port,
             name,
+            gateway,
         } => {
             let (i, a, n) = (
                 port_list(&ingress_ports)?,
@@ -176,7 +214,11 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
                     node: n[k],
                 })
                 .collect();
-            return cluster_up(&args.dir, fresh, nodes, service_port, &name);
+            let gateway = GatewayProcessArgs {
+                gateway_process: gateway.gateway_process,
+                gateway_port: gateway.gateway_port,
+            };
+            return cluster_up(&args.dir, fresh, nodes, service_port, &name, &gateway);
         }
         ClusterCommand::Status => "status".to_owned(),
         ClusterCommand::Kill { node } => format!("kill {node}"),
@@ -185,6 +227,8 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
         ClusterCommand::WaitReady { node } => format!("wait-ready {node}"),
         ClusterCommand::KillService => "kill-service".to_owned(),
         ClusterCommand::StartService => "start-service".to_owned(),
+        ClusterCommand::KillGateway => "kill-gateway".to_owned(),
+        ClusterCommand::StartGateway => "start-gateway".to_owned(),
     };
     let answer = ask(&socket, &command)?;
     print!("{}", answer.strip_prefix("ok\n").unwrap_or(&answer));
@@ -209,6 +253,7 @@ fn cluster_up(
     nodes: Vec<NodePorts>,
     service_port: u16,
     name: &str,
+    gateway: &GatewayProcessArgs,
 ) -> anyhow::Result<()> {
     let socket = dir.join("control.sock");
     if socket.exists() && UnixStream::connect(&socket).is_ok() {
@@ -218,7 +263,7 @@ fn cluster_up(
             socket.display()
         );
     }
-    let stack = Arc::new(start_fixed(dir, fresh, nodes, service_port, name)?);
+    let stack = Arc::new(start_fixed(dir, fresh, nodes, service_port, name, gateway)?);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("binding the control socket {}", socket.display()))?;
@@ -271,11 +316,16 @@ fn start_fixed(
     nodes: Vec<NodePorts>,
     service_port: u16,
     name: &str,
+    gateway_process: &GatewayProcessArgs,
 ) -> anyhow::Result<Stack> {
+    let gateway_port = gateway_process
+        .gateway_process
+        .then_some(gateway_process.gateway_port);
     for port in nodes
         .iter()
         .flat_map(|p| [p.ingress, p.admin, p.node])
         .chain([service_port])
+        .chain(gateway_port)
     {
         if ports::in_use(port) {
             bail!("port {port} is already in use; move the stack's ports (see --help)");
@@ -288,9 +338,11 @@ fn start_fixed(
     // The service reads its settings as it would on its own: one parser, the service's.
     let config = Config::try_parse_from(["payment-service"]).context("the service's settings")?;
     let mut gateway = config.mock_gateway();
-    gateway
-        .ledger
-        .get_or_insert_with(|| dir.join("gateway.ledger.jsonl"));
+    if gateway_port.is_none() {
+        gateway
+            .ledger
+            .get_or_insert_with(|| dir.join("gateway.ledger.jsonl"));
+    }
     let nodes_n = nodes.len();
     eprintln!(
         "stackctl: starting {nodes_n} Restate node(s) and payment-service (logs in {})",
@@ -306,6 +358,9 @@ fn start_fixed(
     // Unset: the build's own version (a new build, a new deployment; see `build_version`).
     if let Some(version) = config.deployment_version {
         builder = builder.deployment_version(version);
+    }
+    if let Some(port) = gateway_port {
+        builder = builder.gateway_process().gateway_port(port);
     }
     let stack = builder.start()?;
     warn_of_older_builds(&stack);
@@ -440,6 +495,17 @@ fn control(stack: &Stack, command: &str) -> anyhow::Result<String> {
             anyhow::ensure!(stack.kill_service(), "payment-service is not running");
             Ok("killed payment-service (SIGKILL)\n".into())
         }
+        "kill-gateway" => {
+            anyhow::ensure!(stack.kill_gateway()?, "mock-gateway is not running");
+            Ok("killed mock-gateway (SIGKILL)\n".into())
+        }
+        "start-gateway" => {
+            let took = stack.start_gateway()?;
+            Ok(format!(
+                "mock-gateway answers its health check after {} ms\n",
+                took.as_millis()
+            ))
+        }
         "start-service" => {
             let took = stack.start_service()?;
             Ok(format!(
@@ -471,6 +537,12 @@ fn status(stack: &Stack) -> String {
             stack.service_url()
         )),
         None => out.push_str("payment-service  DOWN\n"),
+    }
+    if let Some(url) = stack.gateway_url() {
+        match stack.gateway_pid() {
+            Some(pid) => out.push_str(&format!("mock-gateway  up (pid {pid})  {url}\n")),
+            None => out.push_str("mock-gateway  DOWN\n"),
+        }
     }
     let addresses: Vec<String> = (0..stack.node_count())
         .map(|i| format!("http://127.0.0.1:{}", stack.node_ports(i).node))

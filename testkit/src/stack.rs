@@ -3,6 +3,13 @@
 //! process can be SIGKILLed and started again in place: a node on its ports and data, the
 //! service on its port and gateway ledger.
 //!
+//! The gateway is the service's in-process mock by default. With
+//! [`StackBuilder::gateway_process`] it is one more process of the stack: `mock-gateway` (a
+//! simulated Stripe) on a port of its own, with its database and audit ledger in the stack's
+//! folder, and the service pointed at it as at Stripe (`--gateway stripe --stripe-api-base
+//! http://127.0.0.1:<port>`); it is killed and started again like the others
+//! ([`Stack::kill_gateway`], [`Stack::start_gateway`]), and [`Stack::ledger`] is its ledger.
+//!
 //! ```ignore
 //! let stack = Stack::builder().nodes(3).gateway(MockConfig { .. }).start()?;
 //! stack.kill_node(1)?;
@@ -27,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use payment_service::gateway::MockConfig;
+use payment_service::gateway::{ApiKey, MockConfig, StripeConfig};
 use serde_json::json;
 
 use crate::admin::Admin;
@@ -46,6 +53,9 @@ const NODE_READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long the first registration may take (a new cluster is still provisioning).
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
 const SERVICE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The secret key the stack's `mock-gateway` requires and the service sends (a test key: it
+/// opens nothing but the stack's own gateway).
+pub const GATEWAY_API_KEY: &str = "sk_test_testkit_stack";
 /// Invocations a readiness check sends (different keys: different partitions).
 const READY_PROBES: usize = 3;
 /// Attempts at bringing a new stack up (fresh ports and data each time).
@@ -102,6 +112,9 @@ pub struct StackBuilder {
     fixed_ports: Option<(Vec<NodePorts>, u16)>,
     cluster_name: Option<String>,
     with_ledger: bool,
+    gateway_process: bool,
+    gateway_port: Option<u16>,
+    gateway_env: Vec<(String, String)>,
 }
 
 impl StackBuilder {
@@ -139,9 +152,31 @@ impl StackBuilder {
 
     /// No gateway ledger: the gateway keeps its keys in memory only (and forgets them when the
     /// service restarts), with no fsync per call. For measurements of the service, never for
-    /// a stack that kills the service.
+    /// a stack that kills the service. With [`Self::gateway_process`], `mock-gateway` then
+    /// also keeps its database in memory (no fsync per call either).
     pub fn without_ledger(mut self) -> Self {
         self.with_ledger = false;
+        self
+    }
+
+    /// The gateway as a process of its own: `mock-gateway` with the settings of
+    /// [`Self::gateway`] (but `response_delay`, which it does not have), its database
+    /// (`mock-gateway.sqlite`) and ledger (`mock-gateway-ledger.jsonl`, unless the settings name
+    /// one) in the stack's folder, and the service started with `--gateway stripe` against it.
+    pub fn gateway_process(mut self) -> Self {
+        self.gateway_process = true;
+        self
+    }
+
+    /// With [`Self::gateway_process`]: its port (default: a free one).
+    pub fn gateway_port(mut self, port: u16) -> Self {
+        self.gateway_port = Some(port);
+        self
+    }
+
+    /// With [`Self::gateway_process`]: adds a variable to `mock-gateway`'s environment.
+    pub fn gateway_env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.gateway_env.push((name.to_owned(), value.into()));
         self
     }
 
@@ -224,6 +259,9 @@ impl StackBuilder {
                         if let Some(ledger) = &stack.ledger {
                             let _ = std::fs::remove_file(ledger);
                         }
+                        if let Some(gateway) = &stack.gateway {
+                            gateway.remove_db();
+                        }
                     }
                     last = Some(e);
                 }
@@ -252,13 +290,28 @@ impl StackBuilder {
             )
         });
         let nodes = self.node_processes(dir, &node_ports, &cluster_name)?;
+        let default_ledger = if self.gateway_process {
+            "mock-gateway-ledger.jsonl"
+        } else {
+            "gateway-ledger.jsonl"
+        };
         let ledger = self.with_ledger.then(|| {
             self.gateway
                 .ledger
                 .clone()
-                .unwrap_or_else(|| dir.join("gateway-ledger.jsonl"))
+                .unwrap_or_else(|| dir.join(default_ledger))
         });
-        let service = self.service_process(dir, service_port, ledger.as_deref())?;
+        let gateway = if self.gateway_process {
+            let port = match self.gateway_port {
+                Some(port) => port,
+                None => ports::pick()?,
+            };
+            Some(self.gateway_proc(dir, port, ledger.as_deref())?)
+        } else {
+            None
+        };
+        let service =
+            self.service_process(dir, service_port, ledger.as_deref(), gateway.as_ref())?;
         let extras = self
             .extras
             .iter()
@@ -296,8 +349,72 @@ impl StackBuilder {
             nodes,
             ready,
             service,
+            gateway,
             extras,
             ledger,
+        })
+    }
+
+    /// `mock-gateway`, not started: [`Self::gateway`]'s settings as its flags.
+    fn gateway_proc(
+        &self,
+        dir: &Path,
+        port: u16,
+        ledger: Option<&Path>,
+    ) -> anyhow::Result<GatewayProc> {
+        let bin = paths::mock_gateway()?;
+        let g = &self.gateway;
+        anyhow::ensure!(
+            g.response_delay.is_zero(),
+            "mock-gateway has no response delay (its --drop-response-rate loses answers instead)"
+        );
+        // In memory without a ledger (see `without_ledger`): no fsync per call.
+        let db = ledger.map(|_| dir.join("mock-gateway.sqlite"));
+        let mut args = vec![
+            format!("--bind=127.0.0.1:{port}"),
+            format!("--delay-ms={}", g.delay.as_millis()),
+            format!("--decline-rate={}", g.decline_rate),
+            format!("--error-rate={}", g.error_rate),
+            format!("--drop-response-rate={}", g.drop_response_rate),
+            format!("--hang-rate={}", g.hang_rate),
+            format!(
+                "--key-retention={}",
+                humantime::format_duration(g.key_retention)
+            ),
+            format!("--api-key={GATEWAY_API_KEY}"),
+        ];
+        if let Some(db) = &db {
+            args.push(format!("--db={}", db.display()));
+        }
+        if let Some(ledger) = ledger {
+            args.push(format!("--ledger={}", ledger.display()));
+        }
+        if g.ignore_idempotency_keys {
+            // Exists only in a fault-injection build of mock-gateway.
+            args.push("--unsafe-ignore-idempotency-keys".to_owned());
+        }
+        let env = self.gateway_env.clone();
+        let proc = Restartable::new("mock-gateway", dir.join("mock-gateway.log"), move || {
+            let mut cmd = Command::new(&bin);
+            // Its own variables must not leak in from the caller's environment.
+            for (var, _) in std::env::vars_os()
+                .filter(|(k, _)| k.to_string_lossy().starts_with("MOCK_GATEWAY_"))
+            {
+                cmd.env_remove(var);
+            }
+            cmd.args(&args)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .envs(env.iter().map(|(k, v)| (k, v)));
+            cmd
+        });
+        Ok(GatewayProc {
+            proc,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            db,
         })
     }
 
@@ -390,16 +507,25 @@ impl StackBuilder {
         dir: &Path,
         port: u16,
         ledger: Option<&Path>,
+        gateway: Option<&GatewayProc>,
     ) -> anyhow::Result<Deployment> {
         let bin = match &self.service_bin {
             Some(bin) => bin.clone(),
             None => paths::payment_service()?,
         };
-        let gateway = MockConfig {
-            ledger: ledger.map(Path::to_owned),
-            ..self.gateway.clone()
+        let mut args = match gateway {
+            // The service's side of the gateway process: Stripe's API at its address.
+            Some(gateway) => StripeConfig {
+                api_base: gateway.url.clone(),
+                ..StripeConfig::new(ApiKey::new(GATEWAY_API_KEY))
+            }
+            .to_args(),
+            None => MockConfig {
+                ledger: ledger.map(Path::to_owned),
+                ..self.gateway.clone()
+            }
+            .to_args(),
         };
-        let mut args = gateway.to_args();
         args.extend(self.service_args.iter().cloned());
         if !self.identity_keys.is_empty() {
             args.push(format!("--identity-keys={}", self.identity_keys.join(",")));
@@ -463,6 +589,9 @@ impl Deployment {
                 "GATEWAY_RESPONSE_DELAY_MS",
                 "GATEWAY_LEDGER",
                 "GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS",
+                "GATEWAY_DROP_RESPONSE_RATE",
+                "GATEWAY_HANG_RATE",
+                // Which gateway, and where: the stack decides.
                 "GATEWAY",
                 "STRIPE_API_KEY",
                 "STRIPE_API_BASE",
@@ -518,6 +647,59 @@ impl Deployment {
     }
 }
 
+/// The gateway as a process of the stack (`mock-gateway`), on a fixed port.
+struct GatewayProc {
+    proc: Restartable,
+    port: u16,
+    /// `http://127.0.0.1:<port>`: the service's `--stripe-api-base`.
+    url: String,
+    /// Its SQLite database; `None`: in memory.
+    db: Option<PathBuf>,
+}
+
+impl GatewayProc {
+    /// Starts it and waits until it answers its health check; how long that took.
+    fn start(&self) -> anyhow::Result<Duration> {
+        let began = Instant::now();
+        self.proc.start()?;
+        let health = format!("{}/healthz", self.url);
+        let http = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let result = wait_until(SERVICE_READY_TIMEOUT, self.proc.name(), || {
+            if let Some(status) = self.proc.died() {
+                bail!("{} exited ({status})", self.proc.name());
+            }
+            Ok(http
+                .get(&health)
+                .send()
+                .is_ok_and(|r| r.status().is_success()))
+        });
+        if let Err(e) = result {
+            self.proc.kill();
+            return Err(e.context(format!(
+                "--- {} ---\n{}",
+                self.proc.log().display(),
+                self.proc.tail(40)
+            )));
+        }
+        Ok(began.elapsed())
+    }
+
+    /// Deletes its database (a failed start of a stack in a folder of its own starts again
+    /// empty), with SQLite's side files.
+    fn remove_db(&self) {
+        if let Some(db) = &self.db {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut name = db.clone().into_os_string();
+                name.push(suffix);
+                let _ = std::fs::remove_file(PathBuf::from(name));
+            }
+        }
+    }
+}
+
 /// How long a node restart took.
 #[derive(Debug, Clone, Copy)]
 pub struct NodeStart {
@@ -535,6 +717,7 @@ pub struct Stack {
     nodes: Vec<Node>,
     ready: Arc<Vec<AtomicBool>>,
     service: Deployment,
+    gateway: Option<GatewayProc>,
     extras: Vec<Deployment>,
     ledger: Option<PathBuf>,
     client: PaymentClient,
@@ -559,6 +742,9 @@ impl Stack {
             fixed_ports: None,
             cluster_name: None,
             with_ledger: true,
+            gateway_process: false,
+            gateway_port: None,
+            gateway_env: Vec::new(),
         }
     }
 
@@ -567,6 +753,9 @@ impl Stack {
     fn bring_up(&self) -> anyhow::Result<()> {
         for node in &self.nodes {
             node.proc.start()?;
+        }
+        if let Some(gateway) = &self.gateway {
+            gateway.start()?;
         }
         self.service.start()?;
         for extra in &self.extras {
@@ -644,7 +833,8 @@ impl Stack {
         &self.extras[k].url
     }
 
-    /// The gateway's ledger (`None`: [`StackBuilder::without_ledger`]).
+    /// The gateway's ledger: the in-process mock's, or with [`StackBuilder::gateway_process`]
+    /// `mock-gateway`'s own (`None`: [`StackBuilder::without_ledger`]).
     pub fn ledger(&self) -> Option<&Path> {
         self.ledger.as_deref()
     }
@@ -676,6 +866,49 @@ impl Stack {
 
     pub fn extra_pid(&self, k: usize) -> Option<u32> {
         self.extras[k].proc.pid()
+    }
+
+    /// Whether the gateway runs as a process of the stack ([`StackBuilder::gateway_process`]).
+    pub fn has_gateway_process(&self) -> bool {
+        self.gateway.is_some()
+    }
+
+    /// `mock-gateway`'s URL (`None`: the gateway is the service's in-process mock).
+    pub fn gateway_url(&self) -> Option<&str> {
+        self.gateway.as_ref().map(|g| g.url.as_str())
+    }
+
+    pub fn gateway_port(&self) -> Option<u16> {
+        self.gateway.as_ref().map(|g| g.port)
+    }
+
+    pub fn gateway_pid(&self) -> Option<u32> {
+        self.gateway.as_ref().and_then(|g| g.proc.pid())
+    }
+
+    /// SIGKILLs `mock-gateway` (a crash); `false` if it was not running. An error without a
+    /// gateway process.
+    pub fn kill_gateway(&self) -> anyhow::Result<bool> {
+        Ok(self.gateway_proc()?.proc.kill())
+    }
+
+    /// Starts `mock-gateway` again (it must be down) on its port, database and ledger;
+    /// returns once it answers its health check, with how long that took.
+    pub fn start_gateway(&self) -> anyhow::Result<Duration> {
+        self.gateway_proc()?.start()
+    }
+
+    fn gateway_proc(&self) -> anyhow::Result<&GatewayProc> {
+        self.gateway.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("this stack has no gateway process (StackBuilder::gateway_process)")
+        })
+    }
+
+    /// Every process of the stack that runs by itself (not the nodes).
+    fn own_procs(&self) -> impl Iterator<Item = &Restartable> {
+        std::iter::once(&self.service.proc)
+            .chain(self.gateway.iter().map(|g| &g.proc))
+            .chain(self.extras.iter().map(|e| &e.proc))
     }
 
     /// SIGKILLs node `i`. `Ok(false)` if it was not running; on a cluster an error, and no
@@ -762,8 +995,7 @@ impl Stack {
         self.nodes
             .iter()
             .map(|n| &n.proc)
-            .chain(std::iter::once(&self.service.proc))
-            .chain(self.extras.iter().map(|e| &e.proc))
+            .chain(self.own_procs())
             .find_map(|p| {
                 p.died()
                     .map(|status| format!("{} exited by itself: {status}", p.name()))
@@ -771,7 +1003,7 @@ impl Stack {
     }
 
     /// Starts whatever is down (killed, or exited by itself): the nodes one at a time, each
-    /// until it serves, then the service.
+    /// until it serves, then the gateway process, then the service.
     pub fn ensure_up(&self) -> anyhow::Result<()> {
         for i in 0..self.nodes.len() {
             self.nodes[i].proc.clear_if_dead();
@@ -780,6 +1012,12 @@ impl Stack {
                 self.start_node(i)?;
             } else if !self.is_ready(i) {
                 self.wait_node_ready(i)?;
+            }
+        }
+        if let Some(gateway) = &self.gateway {
+            gateway.proc.clear_if_dead();
+            if gateway.proc.pid().is_none() {
+                gateway.start()?;
             }
         }
         self.service.proc.clear_if_dead();
@@ -793,6 +1031,9 @@ impl Stack {
     /// one at a time, the last ones would wait for a quorum that is gone.
     pub fn stop(&self) {
         self.service.proc.stop(GRACE);
+        if let Some(gateway) = &self.gateway {
+            gateway.proc.stop(GRACE);
+        }
         for extra in &self.extras {
             extra.proc.stop(GRACE);
         }
@@ -808,8 +1049,7 @@ impl Stack {
         self.nodes
             .iter()
             .map(|n| &n.proc)
-            .chain(std::iter::once(&self.service.proc))
-            .chain(self.extras.iter().map(|e| &e.proc))
+            .chain(self.own_procs())
             .map(|p| format!("--- {} ---\n{}\n", p.log().display(), p.tail(30)))
             .collect()
     }

@@ -8,7 +8,10 @@ use std::fmt;
 
 use payment_service::gateway::{LedgerEntry, LedgerOp, LedgerOutcome};
 use payment_service::payment::model::MSG_ALREADY_PROCESSED;
-use payment_service::payment::{Payment, PaymentResult, PaymentStatus, Refund};
+use payment_service::payment::{
+    Payment, PaymentId, PaymentResult, PaymentStatus, Refund, RefundStatus,
+};
+use payment_service::stripe_sim::LedgerFault;
 
 use super::plan::{Params, PaymentPlan};
 use crate::admin::Invocation;
@@ -46,6 +49,8 @@ pub struct EndState {
 #[derive(Debug, Clone, Default)]
 pub struct ChaosLog {
     pub service_kills: usize,
+    /// Kills of the gateway process.
+    pub gateway_kills: usize,
     /// restate-server kills, or node kills on a cluster.
     pub server_kills: usize,
     /// Kills of each node.
@@ -115,8 +120,22 @@ pub enum Kind {
     FailedButCharged {
         charge_id: String,
     },
-    /// `failed` although the gateway never declined (nor charged) it.
+    /// `failed` although the gateway never declined nor refused it, and no look-up found it
+    /// uncharged.
     FailedWithoutDecline,
+    /// `canceled` with nothing charged, while the gateway took the money.
+    CanceledButCharged {
+        charge_id: String,
+    },
+    /// The refund that voids a cancelled payment's charge, on a payment not `canceled`.
+    VoidRefundNotCanceled {
+        status: PaymentStatus,
+        line: String,
+    },
+    /// The stored refund is still `pending` once everything settled.
+    RefundUnsettled {
+        refund: String,
+    },
     FailedWithChargeId {
         charge_id: String,
     },
@@ -196,6 +215,9 @@ pub enum Kind {
     /// No gateway call ran again: no kill landed between the gateway acting and the journal
     /// recording it, so the run proved nothing.
     NothingReexecuted,
+    /// The gateway's faults left no outcome unknown that the service then settled by itself
+    /// (no payment or refund ended with `attempts` > 0): the run proved nothing about them.
+    NoUnknownSettled,
 }
 
 impl Kind {
@@ -237,6 +259,10 @@ impl Kind {
             Kind::Chaos { .. } => "chaos",
             Kind::TooFewKills { .. } => "too-few-kills",
             Kind::NothingReexecuted => "nothing-reexecuted",
+            Kind::CanceledButCharged { .. } => "canceled-but-charged",
+            Kind::VoidRefundNotCanceled { .. } => "void-refund-not-canceled",
+            Kind::RefundUnsettled { .. } => "refund-unsettled",
+            Kind::NoUnknownSettled => "no-unknown-settled",
         }
     }
 }
@@ -265,6 +291,17 @@ pub struct Findings {
     pub other_status: usize,
     pub expected_409s: usize,
     pub probe_404s: usize,
+    /// Calls the gateway answered with an injected fault: 5xx/429 and hangs before acting,
+    /// answers dropped after acting.
+    pub faults_error: usize,
+    pub faults_hang: usize,
+    pub faults_drop: usize,
+    /// Payments and refunds whose outcome was unknown at some point (`attempts` > 0 at the
+    /// end) and that the service settled by itself.
+    pub settled_unknown_payments: usize,
+    pub settled_unknown_refunds: usize,
+    /// Clients answered `pending` (CreatePayment, RefundPayment) before the outcome was known.
+    pub pending_answers: usize,
     pub violations: Vec<Violation>,
 }
 
@@ -325,7 +362,12 @@ struct GatewayView<'a> {
     /// The charge it made (the first, if it made several).
     charge_id: Option<String>,
     declined: bool,
+    /// It refused a charge request for good (e.g. `idempotency_error`; not "key in use", which
+    /// is an unknown outcome to the service).
+    refused: bool,
     refund: Option<&'a LedgerEntry>,
+    /// `refund` is the one that voids a cancelled payment's charge (key `void:<id>`).
+    void_refund: bool,
 }
 
 impl<'a> GatewayView<'a> {
@@ -383,12 +425,25 @@ impl<'a> GatewayView<'a> {
             );
         }
         let refund = refunded.first().copied();
+        let void_key = PaymentId::parse(id).map(|p| p.void_refund_key()).ok();
+        let void_refund = refund.is_some_and(|r| Some(&r.idempotency_key) == void_key.as_ref());
         if let Some(r) = refund {
             if charged.is_empty() {
                 f.violation(id, Kind::RefundWithoutCharge { line: show(r) });
             }
             let asked = plan.refund_amounts();
-            if r.amount == 0 || r.amount > plan.amount {
+            if void_refund {
+                // A void refunds the whole charge, whatever the clients asked.
+                if r.amount != plan.amount {
+                    f.violation(
+                        id,
+                        Kind::RefundAboveCharge {
+                            refunded: r.amount,
+                            charged: plan.amount,
+                        },
+                    );
+                }
+            } else if r.amount == 0 || r.amount > plan.amount {
                 f.violation(
                     id,
                     Kind::RefundAboveCharge {
@@ -406,12 +461,44 @@ impl<'a> GatewayView<'a> {
                 );
             }
         }
+        let refused = lines.iter().any(|e| {
+            e.op == LedgerOp::Charge
+                && e.outcome == LedgerOutcome::Rejected
+                && e.fault.is_none()
+                && e.error.as_deref() != Some(KEY_IN_USE)
+        });
         Self {
             charge_id: charged.first().and_then(|e| e.id.clone()),
             declined: !declined.is_empty(),
+            refused,
             refund,
+            void_refund,
         }
     }
+}
+
+/// Stripe's error code for a key whose first request is still running: an unknown outcome to
+/// the caller, not a refusal.
+const KEY_IN_USE: &str = "idempotency_key_in_use";
+
+/// The ledger by payment. A line without a payment ID (a call naming only an intent, e.g. a
+/// cancel the gateway refused) goes to the payment whose intent it names.
+fn by_payment(ledger: &[LedgerEntry]) -> HashMap<&str, Vec<&LedgerEntry>> {
+    let mut intents: HashMap<&str, &str> = HashMap::new();
+    for e in ledger.iter().filter(|e| !e.payment_id.is_empty()) {
+        for intent in [e.id.as_deref(), e.intent.as_deref()].into_iter().flatten() {
+            intents.insert(intent, e.payment_id.as_str());
+        }
+    }
+    let mut map: HashMap<&str, Vec<&LedgerEntry>> = HashMap::new();
+    for e in ledger {
+        let payment = match (e.payment_id.as_str(), e.intent.as_deref()) {
+            ("", Some(intent)) => intents.get(intent).copied().unwrap_or(""),
+            (payment, _) => payment,
+        };
+        map.entry(payment).or_default().push(e);
+    }
+    map
 }
 
 /// The whole audit: the ledger, every payment, the invocations, the kills.
@@ -423,14 +510,19 @@ pub fn audit(
     chaos: &ChaosLog,
 ) -> Findings {
     let mut f = Findings::default();
-    let mut by_payment: HashMap<&str, Vec<&LedgerEntry>> = HashMap::new();
+    let mut by_payment = by_payment(&end.ledger);
     let mut seen_keys = BTreeSet::new();
     for e in &end.ledger {
-        by_payment.entry(&e.payment_id).or_default().push(e);
         f.reexecuted += usize::from(!seen_keys.insert(e.idempotency_key.as_str()));
         f.replays += usize::from(e.replay);
         f.ledger_charges += usize::from(e.op == LedgerOp::Charge);
         f.ledger_refunds += usize::from(e.op == LedgerOp::Refund);
+        match e.fault {
+            Some(LedgerFault::Error) => f.faults_error += 1,
+            Some(LedgerFault::Hang) => f.faults_hang += 1,
+            Some(LedgerFault::Drop) => f.faults_drop += 1,
+            None => {}
+        }
     }
     for (i, plan) in plans.iter().enumerate() {
         let lines = by_payment.remove(plan.id.as_str()).unwrap_or_default();
@@ -471,6 +563,9 @@ pub fn audit(
     }
     if f.reexecuted == 0 {
         f.general(Kind::NothingReexecuted);
+    }
+    if p.gateway.any() && f.settled_unknown_payments + f.settled_unknown_refunds == 0 {
+        f.general(Kind::NoUnknownSettled);
     }
     f
 }
@@ -532,6 +627,24 @@ impl PaymentAudit<'_> {
             PaymentStatus::Refunded => f.refunded += 1,
             PaymentStatus::Pending | PaymentStatus::Canceled => f.other_status += 1,
         }
+        // Unknown at some point, and settled by the service itself (a pending one is a
+        // violation of its own).
+        if end.attempts > 0 && end.status != PaymentStatus::Pending {
+            f.settled_unknown_payments += 1;
+        }
+        if let Some(r) = self.stored_refund {
+            if r.attempts > 0 && r.status == RefundStatus::Completed {
+                f.settled_unknown_refunds += 1;
+            }
+            if r.status == RefundStatus::Pending {
+                f.violation(
+                    &self.plan.id,
+                    Kind::RefundUnsettled {
+                        refund: format!("{r:?}"),
+                    },
+                );
+            }
+        }
         self.check_state(end, f);
         self.check_refund(end, f);
         self.check_creates(end, f);
@@ -572,7 +685,7 @@ impl PaymentAudit<'_> {
                             charge_id: charge_id.clone(),
                         },
                     );
-                } else if !self.gw.declined {
+                } else if !self.gw.declined && !self.gw.refused && !looked_up_uncharged(end) {
                     f.violation(id, Kind::FailedWithoutDecline);
                 }
                 if let Some(charge_id) = &end.charge_id {
@@ -584,8 +697,24 @@ impl PaymentAudit<'_> {
                     );
                 }
             }
-            // Canceled: nothing charged, or the charge refunded (checked with the refunds).
-            PaymentStatus::Canceled => {}
+            // Canceled: nothing charged, or the charge refunded (the refund is checked with the
+            // refunds).
+            PaymentStatus::Canceled => match (&end.charge_id, charged) {
+                (None, Some(charge_id)) => f.violation(
+                    id,
+                    Kind::CanceledButCharged {
+                        charge_id: charge_id.clone(),
+                    },
+                ),
+                (Some(_), _) if &end.charge_id != charged => f.violation(
+                    id,
+                    Kind::ChargeIdMismatch {
+                        state: end.charge_id.clone(),
+                        gateway: charged.clone(),
+                    },
+                ),
+                _ => {}
+            },
             PaymentStatus::Pending => f.violation(id, Kind::Unsettled { status: end.status }),
         }
         if end.status != PaymentStatus::Failed && charged.is_none() && self.gw.declined {
@@ -597,8 +726,18 @@ impl PaymentAudit<'_> {
     fn check_refund(&self, end: &Payment, f: &mut Findings) {
         let id = self.plan.id.as_str();
         // A canceled payment whose charge had gone through is refunded in full.
-        let refunded = end.status == PaymentStatus::Refunded
-            || (end.status == PaymentStatus::Canceled && end.charge_id.is_some());
+        let canceled = end.status == PaymentStatus::Canceled;
+        let refunded =
+            end.status == PaymentStatus::Refunded || (canceled && end.charge_id.is_some());
+        if let Some(r) = self.gw.refund.filter(|_| self.gw.void_refund && !canceled) {
+            f.violation(
+                id,
+                Kind::VoidRefundNotCanceled {
+                    status: end.status,
+                    line: show(r),
+                },
+            );
+        }
         match (refunded, self.gw.refund, self.stored_refund) {
             (true, None, _) => f.violation(id, Kind::RefundedWithoutLedgerRefund),
             (false, Some(r), _) => f.violation(
@@ -638,6 +777,12 @@ impl PaymentAudit<'_> {
         let mut fresh = 0;
         for answer in &self.log.creates {
             match answer {
+                // Told the truth at the time: not known yet (and no charge named).
+                Ok(Answer::Ok(a))
+                    if a.status == PaymentStatus::Pending && a.charge_id.is_none() =>
+                {
+                    f.pending_answers += 1;
+                }
                 Ok(Answer::Ok(a)) => {
                     fresh += usize::from(a.message != MSG_ALREADY_PROCESSED);
                     if a.status != told_status || a.charge_id != end.charge_id {
@@ -677,6 +822,14 @@ impl PaymentAudit<'_> {
         let id = self.plan.id.as_str();
         for (asked, answer) in &self.log.refunds {
             match answer {
+                // Not known yet when answered: the same refund as the one that settled.
+                Ok(Answer::Ok(a))
+                    if a.status == RefundStatus::Pending
+                        && a.refund_id.is_none()
+                        && self.stored_refund.is_some_and(|s| s.amount == a.amount) =>
+                {
+                    f.pending_answers += 1;
+                }
                 Ok(Answer::Ok(a)) => {
                     let as_ledger = self.gw.refund.is_some_and(|r| {
                         r.id.as_deref() == a.refund_id.as_deref()
@@ -723,6 +876,11 @@ impl PaymentAudit<'_> {
             None => {}
             Some(Ok(Answer::Ok(seen)))
                 if seen.status != PaymentStatus::Pending && seen.charge_id == end.charge_id => {}
+            // Still being settled by the service (its outcome was unknown).
+            Some(Ok(Answer::Ok(seen)))
+                if seen.status == PaymentStatus::Pending
+                    && seen.charge_id.is_none()
+                    && (seen.attempts > 0 || seen.canceling) => {}
             Some(Err(e)) => f.violation(
                 id,
                 Kind::Unanswered {
@@ -739,6 +897,14 @@ impl PaymentAudit<'_> {
             ),
         }
     }
+}
+
+/// `failed` because, its outcome unknown until the key's retention ran out, the look-up at the
+/// gateway found no charge (the service's reason says so).
+fn looked_up_uncharged(end: &Payment) -> bool {
+    end.error_msg
+        .as_deref()
+        .is_some_and(|m| m.starts_with("the gateway never charged it"))
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! it serves. On one node the kills run in order, one process down at a time. On a cluster
 //! the service kills and the node kills run side by side, each in order: the service may be
 //! killed while a node is down, but a node is only killed once the one killed before it
-//! serves again.
+//! serves again. The gateway process's kills go in order with the service's.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ pub fn run(stack: &Stack, kills: &[Kill], t0: Instant) -> ChaosLog {
     });
     ChaosLog {
         service_kills: from_services.service_kills,
+        gateway_kills: from_services.gateway_kills,
         server_kills: from_nodes.server_kills,
         node_kills: from_nodes.node_kills,
         error: from_nodes.error.or(from_services.error),
@@ -55,6 +56,7 @@ fn run_in_order(stack: &Stack, kills: &[Kill], t0: Instant) -> ChaosLog {
         let name = name(stack, kill.target);
         let killed = match kill.target {
             Target::Service => Ok(stack.kill_service()),
+            Target::Gateway => stack.kill_gateway(),
             Target::Node(i) => stack.kill_node(i),
         };
         match killed {
@@ -70,6 +72,7 @@ fn run_in_order(stack: &Stack, kills: &[Kill], t0: Instant) -> ChaosLog {
         }
         match kill.target {
             Target::Service => log.service_kills += 1,
+            Target::Gateway => log.gateway_kills += 1,
             Target::Node(i) => {
                 log.server_kills += 1;
                 log.node_kills[i] += 1;
@@ -101,6 +104,9 @@ fn restart(stack: &Stack, target: Target) -> anyhow::Result<String> {
             Target::Service => stack
                 .start_service()
                 .map(|took| format!("up again after {:>5} ms", took.as_millis())),
+            Target::Gateway => stack
+                .start_gateway()
+                .map(|took| format!("up again after {:>5} ms", took.as_millis())),
             Target::Node(i) => stack.start_node(i).map(|s| {
                 format!(
                     "up again after {:>5} ms, serving after {:>5} ms",
@@ -120,6 +126,7 @@ fn restart(stack: &Stack, target: Target) -> anyhow::Result<String> {
 pub fn name(stack: &Stack, target: Target) -> String {
     match target {
         Target::Service => "payment-service".into(),
+        Target::Gateway => "mock-gateway".into(),
         Target::Node(_) if stack.node_count() == 1 => "restate-server".into(),
         Target::Node(i) => stack.node_name(i).to_owned(),
     }

@@ -5,12 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use payment_service::payment::{CreatePaymentBody, Payment, RefundPaymentBody};
+use payment_service::payment::{CreatePaymentBody, Payment, PaymentStatus, RefundPaymentBody};
 
 use super::audit::{PaymentLog, Reply};
 use super::plan::PaymentPlan;
 use crate::client::{Answer, CREATE, GET, PaymentClient, REFUND};
 use crate::load;
+
+/// How long a client waits for a payment answered `pending` to settle before its refunds.
+const SETTLE_WAIT: Duration = Duration::from_secs(120);
 
 /// Every payment's flow, each started at its planned time; a progress line every 10 s.
 pub async fn run_all(
@@ -46,8 +49,8 @@ pub async fn run_all(
     logs
 }
 
-/// One payment: its concurrent creates; once one is answered, its refunds (after a pause),
-/// then a GetPayment.
+/// One payment: its concurrent creates; once one is answered (and, if answered `pending`, once
+/// GetPayment shows it settled), its refunds (after a pause), then a GetPayment.
 async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
     let body = CreatePaymentBody {
         amount: plan.amount,
@@ -66,6 +69,23 @@ async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
     };
     if !log.creates.iter().any(|a| matches!(a, Ok(Answer::Ok(_)))) {
         return log;
+    }
+    // Answered `pending` (the gateway's outcome unknown): a client that wants a refund waits
+    // until the service has settled the payment, as a refund of a pending one is refused.
+    let settled = log
+        .creates
+        .iter()
+        .any(|a| matches!(a, Ok(Answer::Ok(r)) if r.status != PaymentStatus::Pending));
+    if !plan.refunds.is_empty() && !settled {
+        let at = plan.ingress(plan.creates);
+        let deadline = Instant::now() + SETTLE_WAIT;
+        loop {
+            match get(client, &plan.id, at).await {
+                Ok(Answer::Ok(p)) if p.status != PaymentStatus::Pending => break,
+                _ if Instant::now() >= deadline => return log,
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
     }
     if !plan.refunds.is_empty() {
         tokio::time::sleep(plan.refund_pause).await;

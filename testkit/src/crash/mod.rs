@@ -7,7 +7,14 @@
 //! stackctl crash --full                          # the full run (scripts/crash-test.sh)
 //! stackctl crash --full --seed 42                # replay a schedule
 //! stackctl crash --full --cluster                # on a three-node cluster
+//! stackctl crash --full --gateway-process        # the gateway as a process, with its faults
 //! ```
+//!
+//! With `--gateway-process` the gateway is `mock-gateway` (the service reaches it as Stripe,
+//! `--gateway stripe`), and on top of the kills above it is SIGKILLed and started again, drops
+//! answers after acting and hangs, at rates drawn from the seed; the service runs with short
+//! attempts and settle rounds ([`plan::GATEWAY_PROCESS_SERVICE_ENV`]), and the audit reads the
+//! gateway's own ledger and counts the unknown outcomes the service settled by itself.
 //!
 //! * [`plan`]: the load and the kills, from the seed;
 //! * the clients ([`flows`]): 2-3 concurrent `CreatePayment` per payment ID, then refunds
@@ -32,7 +39,7 @@ use anyhow::Context as _;
 use payment_service::gateway::MockConfig;
 
 use self::audit::{EndState, Findings};
-use self::plan::{DECLINE_RATE, GATEWAY_DELAY_MS, Params};
+use self::plan::{DECLINE_RATE, GATEWAY_DELAY_MS, GATEWAY_PROCESS_SERVICE_ENV, Params};
 use crate::admin::Invocation;
 use crate::process;
 use crate::stack::Stack;
@@ -75,6 +82,25 @@ pub struct CrashArgs {
     /// Fault injection: the gateway's key check off. The run must then fail.
     #[arg(long, env = "GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS", value_parser = clap::builder::BoolishValueParser::new())]
     pub ignore_keys: bool,
+    /// The gateway as a process (`mock-gateway`, the service with `--gateway stripe`), killed
+    /// and restarted, dropping answers and hanging, on top of the other kills.
+    #[arg(long)]
+    pub gateway_process: bool,
+    /// With --gateway-process: SIGKILLs of the gateway (default: 2 full, 1 small).
+    #[arg(long, requires = "gateway_process")]
+    pub gateway_kills: Option<usize>,
+    /// With --gateway-process: share of calls answered 5xx/429 before acting (default: from
+    /// the seed, 0.01-0.04).
+    #[arg(long, requires = "gateway_process")]
+    pub error_rate: Option<f64>,
+    /// With --gateway-process: share of calls whose answer is dropped after acting (default:
+    /// from the seed, 0.03-0.08).
+    #[arg(long, requires = "gateway_process")]
+    pub drop_response_rate: Option<f64>,
+    /// With --gateway-process: share of calls never answered (default: from the seed,
+    /// 0.01-0.03).
+    #[arg(long, requires = "gateway_process")]
+    pub hang_rate: Option<f64>,
 }
 
 impl CrashArgs {
@@ -102,6 +128,22 @@ impl CrashArgs {
             p.recovery_timeout = Duration::from_secs_f64(s.clamp(1.0, 3600.0));
         }
         p.ignore_keys = self.ignore_keys;
+        if self.gateway_process {
+            p = p.with_gateway_process();
+            let g = &mut p.gateway;
+            for (value, given) in [
+                (&mut g.error_rate, self.error_rate),
+                (&mut g.drop_response_rate, self.drop_response_rate),
+                (&mut g.hang_rate, self.hang_rate),
+            ] {
+                if let Some(rate) = given {
+                    *value = rate.clamp(0.0, 1.0);
+                }
+            }
+            if let Some(n) = self.gateway_kills {
+                g.kills = n;
+            }
+        }
         p
     }
 
@@ -113,6 +155,9 @@ impl CrashArgs {
         }
         if self.cluster {
             cmd.push_str(" --cluster");
+        }
+        if self.gateway_process {
+            cmd.push_str(" --gateway-process");
         }
         cmd.push_str(&format!(" --seed {seed}"));
         for (flag, value) in [
@@ -127,6 +172,13 @@ impl CrashArgs {
                 "--recovery-timeout",
                 self.recovery_timeout.map(|v| v.to_string()),
             ),
+            ("--gateway-kills", self.gateway_kills.map(|v| v.to_string())),
+            ("--error-rate", self.error_rate.map(|v| v.to_string())),
+            (
+                "--drop-response-rate",
+                self.drop_response_rate.map(|v| v.to_string()),
+            ),
+            ("--hang-rate", self.hang_rate.map(|v| v.to_string())),
         ] {
             if let Some(v) = value {
                 cmd.push_str(&format!(" {flag} {v}"));
@@ -181,22 +233,31 @@ pub fn run(params: &Params, service_bin: Option<PathBuf>, keep: bool) -> anyhow:
     let kills = plan::kills(params);
     report::announce(params, &kills);
     let began = Instant::now();
+    let g = &params.gateway;
     let mut builder = Stack::builder().nodes(params.nodes).gateway(MockConfig {
         delay: Duration::from_millis(GATEWAY_DELAY_MS),
         decline_rate: DECLINE_RATE,
-        error_rate: 0.0,
+        error_rate: g.error_rate,
+        drop_response_rate: g.drop_response_rate,
+        hang_rate: g.hang_rate,
         response_delay: Duration::from_millis(params.response_delay_ms),
         ledger: None,
         ignore_idempotency_keys: params.ignore_keys,
         ..MockConfig::default()
     });
+    if params.gateway_process {
+        builder = builder.gateway_process();
+        for (name, value) in GATEWAY_PROCESS_SERVICE_ENV {
+            builder = builder.service_env(name, value);
+        }
+    }
     if let Some(bin) = service_bin {
         builder = builder.service_bin(bin);
     }
     let stack = builder.start().with_context(|| {
         if params.ignore_keys {
             "the key check can be switched off only in a build with the fault-injection feature \
-             (scripts/crash-test.sh builds one; or set PAYMENT_SERVICE_BIN)"
+             (scripts/crash-test.sh builds one; or set PAYMENT_SERVICE_BIN and MOCK_GATEWAY_BIN)"
         } else {
             "starting the stack"
         }

@@ -25,7 +25,49 @@ pub struct Params {
     /// Fault injection: the gateway acts on every call as if its key were new; the run must
     /// then fail.
     pub ignore_keys: bool,
+    /// The gateway as a process of its own (`mock-gateway`, the service with `--gateway
+    /// stripe`), with the faults below on top of the kills.
+    pub gateway_process: bool,
+    pub gateway: GatewayFaults,
 }
+
+/// The gateway process's faults, drawn from the seed (the calls they hit are drawn by the
+/// gateway itself, at random: a seed replays the rates and the kills, not which calls).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GatewayFaults {
+    /// SIGKILLs of `mock-gateway` (started again on its database after `down_for`).
+    pub kills: usize,
+    /// Share of calls answered 500 or 429 before the gateway acts.
+    pub error_rate: f64,
+    /// Share of calls acted on and recorded whose answer is lost (the connection closed).
+    pub drop_response_rate: f64,
+    /// Share of calls never answered (the service's attempt timeout ends them).
+    pub hang_rate: f64,
+}
+
+impl GatewayFaults {
+    /// None at all (the in-process gateway).
+    pub const NONE: Self = Self {
+        kills: 0,
+        error_rate: 0.0,
+        drop_response_rate: 0.0,
+        hang_rate: 0.0,
+    };
+
+    pub fn any(&self) -> bool {
+        self.kills > 0 || self.error_rate + self.drop_response_rate + self.hang_rate > 0.0
+    }
+}
+
+/// The service's settings with the gateway process: attempts that end within a second and
+/// settle rounds every few seconds at most, so that every unknown outcome is settled well
+/// within the run's recovery timeout.
+pub const GATEWAY_PROCESS_SERVICE_ENV: [(&str, &str); 4] = [
+    ("GATEWAY_ATTEMPT_TIMEOUT", "1s"),
+    ("GATEWAY_ATTEMPTS", "3"),
+    ("SETTLE_FIRST_DELAY", "250ms"),
+    ("SETTLE_MAX_DELAY", "2s"),
+];
 
 /// The mock gateway's delay before it acts.
 pub const GATEWAY_DELAY_MS: u64 = 20;
@@ -54,12 +96,34 @@ impl Params {
             response_delay_ms: schedule.random_range(50..=150),
             recovery_timeout: Duration::from_secs_f64(recovery),
             ignore_keys: false,
+            gateway_process: false,
+            gateway: GatewayFaults::NONE,
         }
+    }
+
+    /// The same run with the gateway as a process: its kills and fault rates from the seed
+    /// (an RNG of their own: the payments and the other kills stay those of the seed), no
+    /// response delay (`mock-gateway` loses answers by `drop_response_rate` instead).
+    pub fn with_gateway_process(mut self) -> Self {
+        let mut rng = StdRng::seed_from_u64(self.seed ^ 0x5851_f42d_4c95_7f2d);
+        self.gateway_process = true;
+        self.response_delay_ms = 0;
+        self.gateway = GatewayFaults {
+            kills: if self.full { 2 } else { 1 },
+            error_rate: round3(rng.random_range(0.01..0.04)),
+            drop_response_rate: round3(rng.random_range(0.03..0.08)),
+            hang_rate: round3(rng.random_range(0.01..0.03)),
+        };
+        self
     }
 
     pub fn cluster(&self) -> bool {
         self.nodes > 1
     }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 /// One payment's clients.
@@ -170,6 +234,8 @@ fn refund_amounts(rng: &mut StdRng, amount: u64) -> Vec<Option<u64>> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Service,
+    /// The gateway process (`mock-gateway`).
+    Gateway,
     /// A Restate node (index; the only one on a single server).
     Node(usize),
 }
@@ -229,6 +295,19 @@ pub fn kills(p: &Params) -> Vec<Kill> {
             down_for: Duration::from_millis(down_ms),
         });
     }
+    // The gateway's kills from an RNG of their own: the others stay those of the seed.
+    let mut gw = StdRng::seed_from_u64(p.seed ^ 0x2545_f491_4f6c_dd1d);
+    let n = p.gateway.kills;
+    for k in 0..n {
+        let centre = secs * (k as f64 + 0.5) / n as f64;
+        let at = (centre + gw.random_range(-0.5..0.5)).clamp(0.5, secs.max(0.5));
+        kills.push(Kill {
+            at: Duration::from_secs_f64(at),
+            target: Target::Gateway,
+            // Long enough for charges to run out of attempts: payments left pending.
+            down_for: Duration::from_millis(gw.random_range(1500..4000)),
+        });
+    }
     kills.sort_by_key(|k| k.at);
     kills
 }
@@ -276,7 +355,7 @@ mod tests {
                 .iter()
                 .filter_map(|k| match k.target {
                     Target::Node(i) => Some(i),
-                    Target::Service => None,
+                    Target::Service | Target::Gateway => None,
                 })
                 .collect();
             assert_eq!(nodes.len(), 6);
@@ -287,6 +366,27 @@ mod tests {
                 "seed {seed}: {nodes:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_gateway_process_adds_its_faults_and_leaves_the_rest_of_the_seed_alone() {
+        let p = Params::new(true, 1, 11);
+        let g = p.clone().with_gateway_process();
+        assert_eq!(payments(&p), payments(&g));
+        let without_gateway: Vec<Kill> = kills(&g)
+            .into_iter()
+            .filter(|k| k.target != Target::Gateway)
+            .collect();
+        assert_eq!(kills(&p), without_gateway);
+        let gateway = kills(&g).len() - without_gateway.len();
+        assert_eq!(gateway, 2);
+        assert!(g.gateway.any() && !p.gateway.any());
+        assert!(g.gateway.drop_response_rate > 0.0 && g.gateway.hang_rate > 0.0);
+        assert_eq!(
+            g,
+            p.clone().with_gateway_process(),
+            "a seed replays its faults"
+        );
     }
 
     #[test]

@@ -17,9 +17,10 @@ pub fn announce(p: &Params, kills: &[Kill]) {
         .iter()
         .filter_map(|k| match k.target {
             Target::Node(i) => Some(format!("node-{}", i + 1)),
-            Target::Service => None,
+            Target::Service | Target::Gateway => None,
         })
         .collect();
+    let gateway_kills = kills.iter().filter(|k| k.target == Target::Gateway).count();
     let servers = if p.cluster() {
         format!(
             "Restate nodes, one at a time: {}; on a {}-node cluster, replication \
@@ -31,10 +32,22 @@ pub fn announce(p: &Params, kills: &[Kill]) {
     } else {
         "restate-server".to_owned()
     };
+    let gateway = if p.gateway_process {
+        let g = &p.gateway;
+        format!(
+            "gateway: mock-gateway process (service --gateway stripe), {gateway_kills} SIGKILLs, \
+             error rate {}, drop-response rate {}, hang rate {}, delay {GATEWAY_DELAY_MS} ms",
+            g.error_rate, g.drop_response_rate, g.hang_rate
+        )
+    } else {
+        format!(
+            "gateway: in-process mock, delay {GATEWAY_DELAY_MS} ms + response delay {} ms",
+            p.response_delay_ms
+        )
+    };
     println!(
         "crash: {} run, seed {}: {} payments, kills for {:.0} s ({} of the service, {} of \
-         {servers}), gateway delay {GATEWAY_DELAY_MS} ms + response delay {} ms, decline \
-         rate {DECLINE_RATE}, idempotency keys {}",
+         {servers}); {gateway}; decline rate {DECLINE_RATE}, idempotency keys {}",
         match (p.full, p.cluster()) {
             (true, false) => "full",
             (false, false) => "small",
@@ -44,9 +57,8 @@ pub fn announce(p: &Params, kills: &[Kill]) {
         p.seed,
         p.payments,
         p.duration.as_secs_f64(),
-        kills.len() - nodes.len(),
+        kills.len() - nodes.len() - gateway_kills,
         nodes.len(),
-        p.response_delay_ms,
         if p.ignore_keys {
             "IGNORED (GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS: this run must fail)"
         } else {
@@ -222,8 +234,9 @@ fn client_rows(s: &Summary<'_>) {
         row(
             "kills (SIGKILL + restart)",
             format!(
-                "payment-service {}, Restate nodes {} ({}; never two down at once)",
+                "payment-service {}, mock-gateway {}, Restate nodes {} ({}; never two down at once)",
                 s.chaos.service_kills,
+                s.chaos.gateway_kills,
                 s.chaos.server_kills,
                 per_node(&s.chaos.node_kills)
             ),
@@ -232,8 +245,8 @@ fn client_rows(s: &Summary<'_>) {
         row(
             "kills (SIGKILL + restart)",
             format!(
-                "payment-service {}, restate-server {}",
-                s.chaos.service_kills, s.chaos.server_kills
+                "payment-service {}, restate-server {}, mock-gateway {}",
+                s.chaos.service_kills, s.chaos.server_kills, s.chaos.gateway_kills
             ),
         );
     }
@@ -248,6 +261,24 @@ fn gateway_rows(s: &Summary<'_>) {
             s.end.ledger.len(),
             f.ledger_charges,
             f.ledger_refunds
+        ),
+    );
+    if s.params.gateway_process {
+        row(
+            "gateway process",
+            format!(
+                "{} SIGKILLs; injected faults: {} errors (5xx/429), {} hangs (before acting), {} \
+                 answers dropped (after acting)",
+                s.chaos.gateway_kills, f.faults_error, f.faults_hang, f.faults_drop
+            ),
+        );
+    }
+    row(
+        "unknown outcomes settled",
+        format!(
+            "{} payments and {} refunds had attempts > 0 and were settled by the service itself; \
+             {} client answers said pending",
+            f.settled_unknown_payments, f.settled_unknown_refunds, f.pending_answers
         ),
     );
     row(
@@ -327,8 +358,11 @@ pub fn keep(stack: &Stack, findings: &Findings, end: &EndState) {
     }
     let _ = std::fs::write(stack.dir.join("suspects.txt"), file);
     println!(
-        "crash: kept {} (node logs, payment-service.log, gateway-ledger.jsonl, violations.txt, \
+        "crash: kept {} (node logs, payment-service.log, the gateway's ledger {}, violations.txt, \
          suspects.txt, restate-data/)",
-        stack.dir.display()
+        stack.dir.display(),
+        stack
+            .ledger()
+            .map_or("-".into(), |l| l.display().to_string())
     );
 }

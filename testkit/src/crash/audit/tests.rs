@@ -175,6 +175,7 @@ fn clean() -> World {
     };
     let chaos = ChaosLog {
         service_kills: 3,
+        gateway_kills: 0,
         server_kills: 1,
         node_kills: vec![1],
         error: None,
@@ -378,6 +379,20 @@ const CASES: &[(&str, fn(&mut World))] = &[
     }),
     ("too-few-kills", |w| w.chaos.server_kills = 0),
     ("nothing-reexecuted", |w| w.end.ledger.retain(|e| !e.replay)),
+    ("canceled-but-charged", |w| {
+        let p = final_mut(w, 0);
+        p.status = PaymentStatus::Canceled;
+        p.charge_id = None;
+    }),
+    ("void-refund-not-canceled", |w| {
+        w.end.ledger[2].idempotency_key = format!("void:{A}")
+    }),
+    ("refund-unsettled", |w| {
+        w.end.stored_refunds.get_mut(A).unwrap().status = RefundStatus::Pending
+    }),
+    ("no-unknown-settled", |w| {
+        w.params = w.params.clone().with_gateway_process()
+    }),
 ];
 
 #[test]
@@ -401,5 +416,53 @@ fn the_cases_cover_every_kind_once() {
     names.dedup();
     assert_eq!(names.len(), CASES.len(), "a kind has two cases");
     // The number of `Kind` variants: keep in step when a kind is added.
-    assert_eq!(CASES.len(), 35);
+    assert_eq!(CASES.len(), 39);
+}
+
+/// A payment answered `pending` (its outcome unknown), settled later by the service: the
+/// pending answers are no violation, and it counts as an unknown settled.
+#[test]
+fn pending_answers_settled_later_pass_and_are_counted() {
+    let mut w = clean();
+    w.params = w.params.clone().with_gateway_process();
+    let pending = result(A, "pending", None, "Payment pending: ...");
+    w.logs[0].creates = vec![Ok(Answer::Ok(pending.clone())), Ok(Answer::Ok(pending))];
+    let mut seen = payment(A, 1000, "cust-1", "pending", None);
+    seen.attempts = 3;
+    w.logs[0].get = Some(Ok(Answer::Ok(seen)));
+    final_mut(&mut w, 0).attempts = 3;
+    let f = run(&w);
+    assert!(f.violations.is_empty(), "{:#?}", f.violations);
+    assert_eq!((f.settled_unknown_payments, f.pending_answers), (1, 2));
+}
+
+/// A payment cancelled mid-charge whose charge had gone through: `canceled`, the charge
+/// refunded in full under the void key, the refund stored.
+#[test]
+fn a_canceled_payment_with_its_void_refund_passes() {
+    let mut w = clean();
+    w.end.ledger[2].idempotency_key = format!("void:{A}");
+    let p = final_mut(&mut w, 0);
+    p.status = PaymentStatus::Canceled;
+    let pending = result(A, "pending", None, "Payment pending: ...");
+    w.logs[0] = PaymentLog {
+        creates: vec![Ok(Answer::Ok(pending))],
+        ..PaymentLog::default()
+    };
+    let f = run(&w);
+    assert!(f.violations.is_empty(), "{:#?}", f.violations);
+    // Nothing charged and nothing refunded: fine too; charged without a refund is not.
+    let mut w2 = clean();
+    w2.end
+        .ledger
+        .retain(|e| e.payment_id != A || e.op != LedgerOp::Refund);
+    w2.end.stored_refunds.clear();
+    final_mut(&mut w2, 0).status = PaymentStatus::Canceled;
+    w2.logs[0] = PaymentLog::default();
+    let f = run(&w2);
+    assert!(
+        f.count("refunded-without-ledger-refund") > 0,
+        "{:#?}",
+        f.violations
+    );
 }
