@@ -8,6 +8,7 @@ mod accept;
 mod api;
 mod cancel;
 mod errors;
+mod gateway_faults;
 mod gateway_process;
 mod helpers;
 mod limits;
