@@ -258,20 +258,26 @@ impl Config {
 }
 
 impl MockConfig {
+    /// The flags of its delay, declines and faults, named alike by the service (with `prefix`
+    /// `gateway-`) and by `mock-gateway` (no prefix).
+    pub fn behaviour_args(&self, prefix: &str) -> Vec<String> {
+        vec![
+            format!("--{prefix}delay-ms={}", self.delay.as_millis()),
+            format!("--{prefix}decline-rate={}", self.decline_rate),
+            format!("--{prefix}error-rate={}", self.error_rate),
+            format!("--{prefix}drop-response-rate={}", self.drop_response_rate),
+            format!("--{prefix}hang-rate={}", self.hang_rate),
+        ]
+    }
+
     /// The service's command-line flags that give this mock gateway: the inverse of
     /// [`Config::mock_gateway`], for whatever starts the service (the test harness).
     pub fn to_args(&self) -> Vec<String> {
-        let mut args = vec![
-            format!("--gateway-delay-ms={}", self.delay.as_millis()),
-            format!("--gateway-decline-rate={}", self.decline_rate),
-            format!("--gateway-error-rate={}", self.error_rate),
-            format!("--gateway-drop-response-rate={}", self.drop_response_rate),
-            format!("--gateway-hang-rate={}", self.hang_rate),
-            format!(
-                "--gateway-response-delay-ms={}",
-                self.response_delay.as_millis()
-            ),
-        ];
+        let mut args = self.behaviour_args("gateway-");
+        args.push(format!(
+            "--gateway-response-delay-ms={}",
+            self.response_delay.as_millis()
+        ));
         if let Some(ledger) = &self.ledger {
             args.push(format!("--gateway-ledger={}", ledger.display()));
         }

@@ -372,17 +372,13 @@ impl StackBuilder {
         let db = ledger.map(|_| dir.join("mock-gateway.sqlite"));
         let mut args = vec![
             format!("--bind=127.0.0.1:{port}"),
-            format!("--delay-ms={}", g.delay.as_millis()),
-            format!("--decline-rate={}", g.decline_rate),
-            format!("--error-rate={}", g.error_rate),
-            format!("--drop-response-rate={}", g.drop_response_rate),
-            format!("--hang-rate={}", g.hang_rate),
             format!(
                 "--key-retention={}",
                 humantime::format_duration(g.key_retention)
             ),
             format!("--api-key={GATEWAY_API_KEY}"),
         ];
+        args.extend(g.behaviour_args(""));
         if let Some(db) = &db {
             args.push(format!("--db={}", db.display()));
         }
@@ -626,25 +622,36 @@ impl Deployment {
 
     /// Starts it and waits until it accepts connections; how long that took.
     fn start(&self) -> anyhow::Result<Duration> {
-        let began = Instant::now();
-        self.proc.start()?;
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
-        let result = wait_until(SERVICE_READY_TIMEOUT, self.proc.name(), || {
-            if let Some(status) = self.proc.died() {
-                bail!("{} exited ({status})", self.proc.name());
-            }
-            Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
-        });
-        if let Err(e) = result {
-            self.proc.kill();
-            return Err(e.context(format!(
-                "--- {} ---\n{}",
-                self.proc.log().display(),
-                self.proc.tail(40)
-            )));
-        }
-        Ok(began.elapsed())
+        start_until_ready(&self.proc, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
     }
+}
+
+/// Starts `proc` and waits until `ready` (polled), or it exits, or the timeout passes: then it
+/// is killed and the error carries its log's tail. How long it took.
+fn start_until_ready(
+    proc: &Restartable,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<Duration> {
+    let began = Instant::now();
+    proc.start()?;
+    let result = wait_until(SERVICE_READY_TIMEOUT, proc.name(), || {
+        if let Some(status) = proc.died() {
+            bail!("{} exited ({status})", proc.name());
+        }
+        Ok(ready())
+    });
+    if let Err(e) = result {
+        proc.kill();
+        return Err(e.context(format!(
+            "--- {} ---\n{}",
+            proc.log().display(),
+            proc.tail(40)
+        )));
+    }
+    Ok(began.elapsed())
 }
 
 /// The gateway as a process of the stack (`mock-gateway`), on a fixed port.
@@ -660,31 +667,16 @@ struct GatewayProc {
 impl GatewayProc {
     /// Starts it and waits until it answers its health check; how long that took.
     fn start(&self) -> anyhow::Result<Duration> {
-        let began = Instant::now();
-        self.proc.start()?;
         let health = format!("{}/healthz", self.url);
         let http = reqwest::blocking::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(2))
             .build()?;
-        let result = wait_until(SERVICE_READY_TIMEOUT, self.proc.name(), || {
-            if let Some(status) = self.proc.died() {
-                bail!("{} exited ({status})", self.proc.name());
-            }
-            Ok(http
-                .get(&health)
+        start_until_ready(&self.proc, || {
+            http.get(&health)
                 .send()
-                .is_ok_and(|r| r.status().is_success()))
-        });
-        if let Err(e) = result {
-            self.proc.kill();
-            return Err(e.context(format!(
-                "--- {} ---\n{}",
-                self.proc.log().display(),
-                self.proc.tail(40)
-            )));
-        }
-        Ok(began.elapsed())
+                .is_ok_and(|r| r.status().is_success())
+        })
     }
 
     /// Deletes its database (a failed start of a stack in a folder of its own starts again

@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use payment_service::gateway::MockConfig;
 use payment_service::payment::{CreatePaymentBody, PaymentStatus, Refund, RefundStatus};
-use testkit::ledger::{LedgerEntry, LedgerOp};
+use testkit::ledger::LedgerOp;
 use testkit::stack::{Stack, wait_until};
 
-use crate::helpers::{TestApp, own_stack, refund_body, state_of, unique_id};
-
-const TIMEOUT: Duration = Duration::from_secs(60);
+use crate::helpers::{SETTLE_TIMEOUT, TestApp, own_stack, refund_body, state_of, unique_id};
 
 /// A gateway that acts at once and answers after `answer_after`, within the attempt's timeout:
 /// the step is in the middle of its call for that long.
@@ -30,26 +28,22 @@ fn slow_answers(answer_after: Duration) -> TestApp {
     )
 }
 
-fn acted(app: &TestApp, id: &str, op: LedgerOp) -> Vec<LedgerEntry> {
-    app.ledger(id)
-        .expect("an own stack has a ledger")
-        .into_iter()
-        .filter(|e| e.op == op && !e.replay)
-        .collect()
-}
-
 /// Waits until `handler`'s invocation for `id` runs and the gateway has acted for it (a ledger
 /// line with `op`), then cancels it; the invocation's ID.
 fn cancel_mid_call(app: &TestApp, id: &str, handler: &str, op: LedgerOp) -> String {
     let mut invocation = None;
-    wait_until(TIMEOUT, "the invocation to be in its gateway call", || {
-        invocation = app
-            .admin()
-            .invocations_of(id)?
-            .into_iter()
-            .find(|i| i.target_handler_name == handler && i.status == "running");
-        Ok(invocation.is_some() && !acted(app, id, op).is_empty())
-    })
+    wait_until(
+        SETTLE_TIMEOUT,
+        "the invocation to be in its gateway call",
+        || {
+            invocation = app
+                .admin()
+                .invocations_of(id)?
+                .into_iter()
+                .find(|i| i.target_handler_name == handler && i.status == "running");
+            Ok(invocation.is_some() && !app.moved_money(id, op).is_empty())
+        },
+    )
     .unwrap();
     let invocation = invocation.unwrap().id;
     app.admin().cancel(&invocation).unwrap();
@@ -71,13 +65,13 @@ fn a_create_payment_cancelled_mid_charge_ends_canceled_with_the_charge_refunded(
             "the client was told otherwise"
         );
     });
-    wait_until(TIMEOUT, "the payment to end", || {
+    wait_until(SETTLE_TIMEOUT, "the payment to end", || {
         Ok(app.payment(&id).status != PaymentStatus::Pending)
     })
     .unwrap();
     let end = app.payment(&id);
-    let charges = acted(&app, &id, LedgerOp::Charge);
-    let refunds = acted(&app, &id, LedgerOp::Refund);
+    let charges = app.moved_money(&id, LedgerOp::Charge);
+    let refunds = app.moved_money(&id, LedgerOp::Refund);
     assert_eq!(charges.len(), 1, "{charges:#?}");
     assert_eq!(end.status, PaymentStatus::Canceled, "{end:?}");
     assert_eq!(end.charge_id, charges[0].id, "{end:?}");
@@ -92,14 +86,14 @@ fn a_create_payment_cancelled_mid_charge_ends_canceled_with_the_charge_refunded(
     // Canceled is final: a retry of the request answers it, and moves nothing.
     let again = app.create_payment(&id, &body).ok().unwrap();
     assert_eq!(again.status, PaymentStatus::Canceled, "{again:?}");
-    assert_eq!(acted(&app, &id, LedgerOp::Charge).len(), 1);
+    assert_eq!(app.moved_money(&id, LedgerOp::Charge).len(), 1);
 }
 
 #[test]
 fn a_refund_cancelled_mid_call_is_settled_with_its_amount_and_key() {
     let app = slow_answers(Duration::from_secs(2));
     let id = unique_id("cancel-refund");
-    wait_until(TIMEOUT, "the payment to complete", || {
+    wait_until(SETTLE_TIMEOUT, "the payment to complete", || {
         Ok(app
             .create_payment(&id, &CreatePaymentBody::new(5000, "cust-rae"))
             .ok()?
@@ -116,11 +110,11 @@ fn a_refund_cancelled_mid_call_is_settled_with_its_amount_and_key() {
             "the client was told otherwise"
         );
     });
-    wait_until(TIMEOUT, "the refund to settle", || {
+    wait_until(SETTLE_TIMEOUT, "the refund to settle", || {
         Ok(app.payment(&id).status == PaymentStatus::Refunded)
     })
     .unwrap();
-    let refunds = acted(&app, &id, LedgerOp::Refund);
+    let refunds = app.moved_money(&id, LedgerOp::Refund);
     assert_eq!(refunds.len(), 1, "{refunds:#?}");
     assert_eq!(refunds[0].amount, 1200);
     let stored: Refund = state_of(&app, &id, "refund").unwrap();

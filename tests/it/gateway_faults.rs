@@ -7,13 +7,13 @@
 use std::time::{Duration, Instant};
 
 use payment_service::gateway::MockConfig;
-use payment_service::payment::{CreatePaymentBody, Payment, PaymentStatus, Refund, RefundStatus};
-use testkit::ledger::{LedgerEntry, LedgerOp, LedgerOutcome};
+use payment_service::payment::{CreatePaymentBody, PaymentStatus, Refund, RefundStatus};
+use testkit::ledger::LedgerOp;
 use testkit::stack::{GATEWAY_API_KEY, Stack, wait_until};
 
-use crate::helpers::{TestApp, all_at_once, ok, own_stack, refund_body, state_of, unique_id};
-
-const TIMEOUT: Duration = Duration::from_secs(90);
+use crate::helpers::{
+    SETTLE_TIMEOUT, TestApp, all_at_once, ok, own_stack, refund_body, state_of, unique_id,
+};
 
 /// A stack whose gateway is the `mock-gateway` process with `faults`, short attempts and
 /// quick settle rounds.
@@ -30,22 +30,6 @@ fn gateway_with(faults: MockConfig) -> TestApp {
             .service_env("SETTLE_FIRST_DELAY", "200ms")
             .service_env("SETTLE_MAX_DELAY", "500ms"),
     )
-}
-
-fn acted(app: &TestApp, id: &str, op: LedgerOp) -> Vec<LedgerEntry> {
-    app.ledger(id)
-        .expect("the gateway's ledger")
-        .into_iter()
-        .filter(|e| e.op == op && !e.replay && e.outcome == LedgerOutcome::Succeeded)
-        .collect()
-}
-
-fn settled(app: &TestApp, id: &str) -> Payment {
-    wait_until(TIMEOUT, "the payment to settle", || {
-        Ok(app.payment(id).status != PaymentStatus::Pending)
-    })
-    .unwrap();
-    app.payment(id)
 }
 
 /// Pays `n` payments at once; each must end `completed` with the one charge the gateway made.
@@ -70,8 +54,8 @@ fn all_completed_once(app: &TestApp, prefix: &str, n: usize) -> usize {
     );
     let mut unknown = 0;
     for id in &ids {
-        let end = settled(app, id);
-        let charges = acted(app, id, LedgerOp::Charge);
+        let end = app.settled(id);
+        let charges = app.moved_money(id, LedgerOp::Charge);
         assert_eq!(charges.len(), 1, "{id}: {charges:#?}");
         assert_eq!(end.status, PaymentStatus::Completed, "{end:?}");
         assert_eq!(end.charge_id, charges[0].id, "{end:?}");
@@ -116,7 +100,7 @@ fn a_hanging_gateway_is_answered_pending_promptly_and_settled() {
         ),
         "{answer:?}"
     );
-    assert_eq!(settled(&app, &id).status, PaymentStatus::Completed);
+    assert_eq!(app.settled(&id).status, PaymentStatus::Completed);
     let unknown = all_completed_once(&app, "hang", 6);
     assert!(unknown > 0, "nothing hung: the test proved nothing");
 }
@@ -184,7 +168,7 @@ fn a_refund_asked_again_with_another_amount_after_a_lost_answer_is_made_once_wit
         "CreatePayment",
         app.create_payment(&id, &CreatePaymentBody::new(3000, "cust-l")),
     );
-    assert_eq!(settled(&app, &id).status, PaymentStatus::Completed);
+    assert_eq!(app.settled(&id).status, PaymentStatus::Completed);
     let first = ok(
         "RefundPayment",
         app.refund(&id, &refund_body("first", Some(1000))),
@@ -195,11 +179,11 @@ fn a_refund_asked_again_with_another_amount_after_a_lost_answer_is_made_once_wit
         app.refund(&id, &refund_body("other", Some(2500))),
     );
     assert_eq!(second.amount.minor_units(), 1000, "{second:?}");
-    wait_until(TIMEOUT, "the refund to settle", || {
+    wait_until(SETTLE_TIMEOUT, "the refund to settle", || {
         Ok(app.payment(&id).status == PaymentStatus::Refunded)
     })
     .unwrap();
-    let refunds = acted(&app, &id, LedgerOp::Refund);
+    let refunds = app.moved_money(&id, LedgerOp::Refund);
     assert_eq!(refunds.len(), 1, "{refunds:#?}");
     assert_eq!(refunds[0].amount, 1000);
     let stored: Refund = state_of(&app, &id, "refund").unwrap();
@@ -226,7 +210,7 @@ fn a_charge_cancelled_while_the_gateway_holds_it_is_voided() {
     std::thread::scope(|s| {
         let call = s.spawn(|| app.create_payment(&id, &body));
         let mut running = None;
-        wait_until(TIMEOUT, "CreatePayment to be running", || {
+        wait_until(SETTLE_TIMEOUT, "CreatePayment to be running", || {
             running = app
                 .admin()
                 .invocations_of(&id)?
@@ -242,10 +226,10 @@ fn a_charge_cancelled_while_the_gateway_holds_it_is_voided() {
             "the client was told otherwise"
         );
     });
-    let end = settled(&app, &id);
+    let end = app.settled(&id);
     assert_eq!(end.status, PaymentStatus::Canceled, "{end:?}");
-    let charges = acted(&app, &id, LedgerOp::Charge);
-    let refunds = acted(&app, &id, LedgerOp::Refund);
+    let charges = app.moved_money(&id, LedgerOp::Charge);
+    let refunds = app.moved_money(&id, LedgerOp::Refund);
     // Either the key was spent before the charge arrived (nothing charged), or the charge went
     // through and was refunded in full: never money taken and kept.
     match charges.as_slice() {

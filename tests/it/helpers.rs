@@ -22,8 +22,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use testkit::admin::{Admin, Invocation, sql_str};
 use testkit::client::{Answer, BlockingClient, CallError, PaymentClient, SERVICE};
-use testkit::ledger::LedgerEntry;
+use testkit::ledger::{LedgerEntry, LedgerOp, LedgerOutcome};
 use testkit::stack::{PROBE_PREFIX, Stack, StackBuilder, wait_until};
+
+/// How long a test waits for a payment or refund to settle by itself.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How long an external stack may take to answer, to accept the registration, and to serve it.
 const EXTERNAL_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -253,6 +256,27 @@ impl TestApp {
             return None;
         };
         Some(testkit::ledger::of_payment(path, id).expect("reading the gateway ledger"))
+    }
+
+    /// The gateway's ledger lines for `id` that moved money: `op` calls that acted (not
+    /// replays) and succeeded.
+    pub fn moved_money(&self, id: &str, op: LedgerOp) -> Vec<LedgerEntry> {
+        self.ledger(id)
+            .expect("a stack with a gateway ledger")
+            .into_iter()
+            .filter(|e| e.op == op && !e.replay && e.outcome == LedgerOutcome::Succeeded)
+            .collect()
+    }
+
+    /// The payment once it is no longer `pending` (polled, for as long as settling takes: the
+    /// tests' settle rounds are short).
+    #[track_caller]
+    pub fn settled(&self, id: &str) -> Payment {
+        wait_until(SETTLE_TIMEOUT, "the payment to settle", || {
+            Ok(self.payment(id).status != PaymentStatus::Pending)
+        })
+        .unwrap();
+        self.payment(id)
     }
 
     /// Asserts that every invocation of these payments has finished: completed, never retried,

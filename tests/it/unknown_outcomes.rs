@@ -10,14 +10,10 @@ use std::time::{Duration, Instant};
 
 use payment_service::gateway::MockConfig;
 use payment_service::payment::{CreatePaymentBody, PaymentStatus, RefundStatus};
-use testkit::ledger::{LedgerEntry, LedgerOp, LedgerOutcome};
+use testkit::ledger::{LedgerOp, LedgerOutcome};
 use testkit::stack::{Stack, StackBuilder, wait_until};
 
-use crate::helpers::{TestApp, ok, own_stack, refund_body, unique_id};
-
-/// How long a test waits for the service to settle by itself: the key's retention plus a few
-/// rounds.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::helpers::{SETTLE_TIMEOUT, ok, own_stack, refund_body, unique_id};
 
 /// A stack whose gateway is `gateway`, with fast settle rounds, attempts of `timeout` each,
 /// and keys kept `retention`.
@@ -32,24 +28,6 @@ fn stack(gateway: MockConfig, timeout: &str, retention: &str) -> StackBuilder {
         .service_env("GATEWAY_KEY_RETENTION", retention)
         .service_env("SETTLE_FIRST_DELAY", "200ms")
         .service_env("SETTLE_MAX_DELAY", "500ms")
-}
-
-/// The gateway's ledger lines for `id` that acted (not replays).
-fn acted(app: &TestApp, id: &str, op: LedgerOp) -> Vec<LedgerEntry> {
-    app.ledger(id)
-        .expect("an own stack has a ledger")
-        .into_iter()
-        .filter(|e| e.op == op && !e.replay)
-        .collect()
-}
-
-/// Polls GetPayment until the payment is no longer `pending`.
-fn wait_settled(app: &TestApp, id: &str) -> payment_service::payment::Payment {
-    wait_until(SETTLE_TIMEOUT, "the payment to settle", || {
-        Ok(app.payment(id).status != PaymentStatus::Pending)
-    })
-    .unwrap();
-    app.payment(id)
 }
 
 #[test]
@@ -90,7 +68,7 @@ fn a_gateway_that_never_answers_leaves_the_payment_pending_and_never_failed() {
     let still = app.payment(&id);
     assert_eq!(still.status, PaymentStatus::Pending, "{still:?}");
     assert_eq!(still.error_msg, None, "{still:?}");
-    assert!(acted(&app, &id, LedgerOp::Charge).is_empty());
+    assert!(app.moved_money(&id, LedgerOp::Charge).is_empty());
 }
 
 #[test]
@@ -110,8 +88,8 @@ fn a_charge_whose_answers_are_lost_ends_completed_with_its_one_charge() {
     let answer = ok("CreatePayment", app.create_payment(&id, &body));
     assert_eq!(answer.status, PaymentStatus::Pending, "{answer:?}");
 
-    let end = wait_settled(&app, &id);
-    let charges = acted(&app, &id, LedgerOp::Charge);
+    let end = app.settled(&id);
+    let charges = app.moved_money(&id, LedgerOp::Charge);
     assert_eq!(charges.len(), 1, "{charges:#?}");
     assert_eq!(charges[0].outcome, LedgerOutcome::Succeeded);
     assert_eq!(end.status, PaymentStatus::Completed, "{end:?}");
@@ -137,7 +115,7 @@ fn a_charge_whose_answers_are_lost_ends_completed_with_its_one_charge() {
         Ok(app.payment(&id).status == PaymentStatus::Refunded)
     })
     .unwrap();
-    let refunds = acted(&app, &id, LedgerOp::Refund);
+    let refunds = app.moved_money(&id, LedgerOp::Refund);
     assert_eq!(refunds.len(), 1, "{refunds:#?}");
     assert_eq!(refunds[0].amount, 1000);
     let done = ok(
