@@ -695,17 +695,7 @@ impl<S: Store> Engine<S> {
                 None,
             ));
         };
-        let unexpected = |intent: &Intent, action: &str| ApiError {
-            payment_intent: Some(Box::new(intent.clone())),
-            ..ApiError::invalid(
-                Some("payment_intent_unexpected_state"),
-                None,
-                format!(
-                    "You cannot {action} this PaymentIntent because it has a status of {}.",
-                    intent.status.as_str()
-                ),
-            )
-        };
+        let unexpected = ApiError::unexpected_state;
         Ok(match post {
             Post::CreateIntent(_) => unreachable!("handled above"),
             Post::Confirm { payment_method, .. } => {
@@ -812,17 +802,7 @@ impl<S: Store> Engine<S> {
                     Post::Cancel { .. } => "cancel",
                     _ => "refund",
                 };
-                Body::Error(ApiError {
-                    payment_intent: Some(Box::new(intent.clone())),
-                    ..ApiError::invalid(
-                        Some("payment_intent_unexpected_state"),
-                        None,
-                        format!(
-                            "You cannot {action} this PaymentIntent because it has a status of {}.",
-                            intent.status.as_str()
-                        ),
-                    )
-                })
+                Body::Error(ApiError::unexpected_state(&intent, action))
             }
         };
         Ok(Reply { body, replay: true })

@@ -244,6 +244,21 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// Stripe's answer to an action the intent's status does not allow.
+    pub fn unexpected_state(intent: &Intent, action: &str) -> Self {
+        ApiError {
+            payment_intent: Some(Box::new(intent.clone())),
+            ..ApiError::invalid(
+                Some("payment_intent_unexpected_state"),
+                None,
+                format!(
+                    "You cannot {action} this PaymentIntent because it has a status of {}.",
+                    intent.status.as_str()
+                ),
+            )
+        }
+    }
+
     pub fn invalid(
         code: Option<&'static str>,
         param: Option<&'static str>,
