@@ -11,8 +11,8 @@
 //! |---------------|------------------------------------------------------------------------------|
 //! | [`payment`]   | the domain, plain Rust: valid-only types, request parsing, states, the error |
 //! | [`service`]   | the Restate object: thin handlers, state keys, the journal, error mapping    |
-//! | [`gateway`]   | the gateway trait and the mock gateway with its idempotency keys and ledger   |
-//! | [`stripe_sim`] | the simulated Stripe both mock gateways share, its stores, ledger and HTTP face |
+//! | [`gateway`]   | the gateway trait, a step's retries, the in-process mock, the Stripe adapter |
+//! | [`stripe_sim`] | the simulated Stripe both mocks share: its stores, ledger and HTTP face      |
 //! | [`server`]    | the HTTP endpoint and graceful shutdown on SIGINT/SIGTERM                     |
 //! | [`config`]    | flags and environment variables (clap)                                       |
 //! | [`telemetry`] | `tracing` setup, replay-aware                                                |

@@ -1,10 +1,16 @@
 //! The payment gateway: the one external system that moves money.
 //!
-//! [`PaymentGateway`] is what a real integration (Stripe, Adyen, …) implements;
-//! [`MockGateway`] simulates one. Every call carries an idempotency key: the gateway must
-//! perform each key's operation at most once and answer repeats with the original result.
-//! That, not the journal, is what makes a charge exactly-once: a journaled step can run again
-//! if the process dies after the gateway acted but before the step's result was recorded.
+//! [`PaymentGateway`] is what a real integration implements: [`StripeGateway`] over Stripe's
+//! API; [`MockGateway`] simulates one in the service's process. Every call carries an
+//! idempotency key: the gateway must perform each key's operation at most once and answer
+//! repeats with the original result. That, not the journal, is what makes a charge
+//! exactly-once: a journaled step can run again if the process dies after the gateway acted but
+//! before the step's result was recorded, and a call whose answer was lost is sent again.
+//!
+//! A call ends final (an answer, or [`GatewayError::Rejected`]) or unknown
+//! ([`GatewayError::Unknown`]: the gateway may have acted). Only the same key again, or a
+//! look-up ([`PaymentGateway::find_charge`], [`PaymentGateway::find_refund`]), settles an
+//! unknown; the service never takes one for a refusal.
 
 mod ledger;
 mod mock;
