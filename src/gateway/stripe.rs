@@ -7,7 +7,7 @@
 //!   and replays it, so a retry of a call whose answer was lost cannot charge twice.
 //! * The client sends each request once and sets no timeout of its own: retries and the
 //!   per-attempt timeout are the service's, in one place (`gateway::with_retries`).
-//! * Answers are read through narrow views ([`Intent`], [`RefundView`]) of the fields used
+//! * Answers are read through narrow views ([`Intent`], `RefundView`) of the fields used
 //!   here, not `async-stripe`'s full types, which require every field of API version
 //!   2026-09-30.endive: a successful charge must not read as "unknown" because an answer
 //!   lacks a field the adapter never reads (localstripe's objects lack several).
