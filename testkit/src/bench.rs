@@ -9,9 +9,14 @@
 //! `CreatePayment` on fresh IDs, alternated `--rounds` times so that both see the same machine;
 //! duplicate `CreatePayment` and `GetPayment` on the payments just created; `RefundPayment`,
 //! once per created payment; then at concurrency 1: the floor, the floor's duplicate and read,
-//! duplicate `CreatePayment` and `GetPayment`. Scale mode: `CreatePayment` and `GetPayment` on
-//! an empty server, then again once `--preload` payments are stored, each measurement started
-//! once restate-server is idle.
+//! duplicate `CreatePayment` and `GetPayment`. Then, on a second fresh stack whose gateway is
+//! the `mock-gateway` process (the service with `--gateway stripe` against it, at 0 ms and 0
+//! declines, its database in memory): a warm-up, `CreatePayment` on fresh IDs for
+//! `--gateway-duration` seconds, and at concurrency 1; its figures (req/s, p50, p99, the
+//! service's and the gateway's CPU per payment) are printed beside the in-process ones and kept
+//! in the summary's `mock_gateway`; they are reported, not checked against a target. Scale
+//! mode: `CreatePayment` and `GetPayment` on an empty server, then again once `--preload`
+//! payments are stored, each measurement started once restate-server is idle.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -28,6 +33,9 @@ use crate::client::{PaymentClient, encode_key};
 use crate::load::{self, ClosedLoop, Latency, Outcome, ProcUsage, Run};
 use crate::paths;
 use crate::stack::{ExtraService, Stack};
+
+mod gateway;
+use gateway::gateway_process_side;
 
 // Targets (issue 4).
 const TARGET_CREATE_VS_FLOOR: f64 = 0.95;
@@ -70,6 +78,10 @@ pub struct BenchArgs {
     /// Seconds of unrecorded warm-up load on the floor and on CreatePayment.
     #[arg(long, default_value_t = 3)]
     pub warmup: u64,
+    /// Standard mode: seconds of CreatePayment (at `--concurrency`) on the second stack, whose
+    /// gateway is the `mock-gateway` process; 0 skips that stack.
+    #[arg(long, default_value_t = 20)]
+    pub gateway_duration: u64,
     /// Scale mode: p99 on an empty server vs with `--preload` payments stored.
     #[arg(long)]
     pub scale: bool,
@@ -135,7 +147,7 @@ fn run_config(
 ) -> anyhow::Result<()> {
     eprintln!("[bench] [{label}] starting the stack in {}", out.display());
     let stack = Stack::builder()
-        .config(config)
+        .config(config.clone())
         .gateway(MockConfig {
             delay: Duration::ZERO,
             decline_rate: 0.0,
@@ -154,6 +166,16 @@ fn run_config(
     );
     let result = run_on(&stack, args, label, out);
     drop(stack);
+    remove_data(args, out);
+    let summary = result?;
+    if !args.scale && args.gateway_duration > 0 {
+        gateway_process_side(args, label, config, out, summary)?;
+    }
+    Ok(())
+}
+
+/// Restate's data folder of a stack in `out` (unless `--keep`), once the stack is down.
+fn remove_data(args: &BenchArgs, out: &Path) {
     let data = out.join("restate-data");
     eprintln!(
         "[bench] restate data: {:.1} MB",
@@ -162,7 +184,6 @@ fn run_config(
     if !args.keep {
         let _ = std::fs::remove_dir_all(&data);
     }
-    result.map(drop)
 }
 
 /// The floor as an extra deployment of a stack (`BENCH_FLOOR_BIN`, or the build's own).
@@ -266,6 +287,15 @@ impl Report {
     pub(crate) fn line(&mut self, line: impl Display) {
         println!("{line}");
         self.0.push_str(&format!("{line}\n"));
+    }
+
+    /// Keeps a line for the report file without printing it (it was printed already).
+    pub(crate) fn keep(&mut self, line: impl Display) {
+        self.0.push_str(&format!("{line}\n"));
+    }
+
+    pub(crate) fn text(&self) -> &str {
+        &self.0
     }
 
     pub(crate) fn save(&self, path: &Path) -> anyhow::Result<()> {
@@ -1128,32 +1158,36 @@ fn machine_json() -> Value {
 
 /// Which binaries were measured: for telling runs of patched builds apart.
 fn note(stack: &Stack) -> String {
-    let first_line = |cmd: &str, args: &[&str]| {
-        std::process::Command::new(cmd)
-            .args(args)
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.lines().next().map(str::to_owned))
-            .unwrap_or_default()
-    };
-    let bin = |path: anyhow::Result<PathBuf>| {
-        path.map_or("?".into(), |p| {
-            let p = p.display().to_string();
-            let sha = first_line("sha256sum", &[&p]);
-            format!("{p} (sha256 {})", sha.get(..12).unwrap_or("?"))
-        })
-    };
     let server = paths::restate_server()
         .map(|p| first_line(&p.display().to_string(), &["--version"]))
         .unwrap_or_default();
     format!(
         "payment-service {}; floor {}; RUST_LOG={}; {server}; stack {}",
-        bin(paths::payment_service()),
-        bin(paths::workspace_bin("BENCH_FLOOR_BIN", "bench-floor")),
+        bin_note(paths::payment_service()),
+        bin_note(paths::workspace_bin("BENCH_FLOOR_BIN", "bench-floor")),
         std::env::var("RUST_LOG").unwrap_or_else(|_| "unset".into()),
         stack.dir.display(),
     )
+}
+
+/// A binary's path and the start of its sha256.
+fn bin_note(path: anyhow::Result<PathBuf>) -> String {
+    path.map_or("?".into(), |p| {
+        let p = p.display().to_string();
+        let sha = first_line("sha256sum", &[&p]);
+        format!("{p} (sha256 {})", sha.get(..12).unwrap_or("?"))
+    })
+}
+
+/// The first line a command prints ("" if it fails).
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn round1(x: f64) -> f64 {

@@ -11,8 +11,9 @@
 //! | `two-down` | SIGKILL node 2 at 15 s and node 3 at 20 s (no quorum), start node 2 at 40 s, node 3 at 70 s; load until 100 s |
 //! | `bench`    | the benchmark (`stackctl bench`'s standard mode) through node 1's ingress, the floor registered too |
 //! | `bodies`   | not in the default five: one node; a 10 MB body and a 1 GiB slow one, through the ingress and to the service's port; memory before, during, after ([`crate::bodies`]) |
+//! | `rss`      | not in the default five: one node; the service's resident memory every `--rss-every` payments up to `--payments`, with the in-process mock or (`--gateway-process`) `mock-gateway` ([`rss`]) |
 //!
-//! Every scenario but `bench` ends with the verification: every payment acknowledged with 200
+//! Every scenario but `bench`, `bodies` and `rss` ends with the verification: every payment acknowledged with 200
 //! is there (GetPayment) with the same chargeId; every other request left no payment or a
 //! completed one, never a pending one; the gateway's ledger charged no payment twice and every
 //! acknowledged one once. Results: `.bench/cluster-<time>/<scenario>/` (`report.txt`,
@@ -39,6 +40,8 @@ use crate::paths;
 use crate::process::lock;
 use crate::stack::Stack;
 
+mod rss;
+
 const CREATE_BODY: &str =
     r#"{"amount":10000,"currency":"USD","description":"cluster load","customerId":"cust-cluster"}"#;
 /// Workers of the verification's GetPayment calls.
@@ -54,6 +57,7 @@ pub enum Scenario {
     TwoDown,
     Bench,
     Bodies,
+    Rss,
 }
 
 /// Options of `stackctl measure`.
@@ -102,6 +106,16 @@ pub struct MeasureArgs {
     /// The bodies scenario: milliseconds between the slow bodies' chunks.
     #[arg(long, default_value_t = 10)]
     pub body_pace_ms: u64,
+    /// The rss scenario: CreatePayment requests to send (fresh IDs).
+    #[arg(long, default_value_t = 100_000)]
+    pub payments: u64,
+    /// The rss scenario: a line every this many completed payments.
+    #[arg(long, default_value_t = 10_000)]
+    pub rss_every: u64,
+    /// The rss scenario: the gateway as the `mock-gateway` process (the service with
+    /// `--gateway stripe` against it) instead of the in-process mock.
+    #[arg(long)]
+    pub gateway_process: bool,
     /// The service binary to run instead of this build's (e.g. an older build, to compare).
     #[arg(long)]
     pub service_bin: Option<std::path::PathBuf>,
@@ -148,6 +162,7 @@ fn scenario_name(s: Scenario) -> &'static str {
         Scenario::TwoDown => "two-down",
         Scenario::Bench => "bench",
         Scenario::Bodies => "bodies",
+        Scenario::Rss => "rss",
     }
 }
 
@@ -183,7 +198,14 @@ impl Fault {
 }
 
 fn run_scenario(args: &MeasureArgs, scenario: Scenario, dir: &Path) -> anyhow::Result<()> {
-    let nodes = if matches!(scenario, Scenario::Single | Scenario::Bodies) {
+    anyhow::ensure!(
+        !args.gateway_process || scenario == Scenario::Rss,
+        "--gateway-process is for the rss scenario"
+    );
+    let nodes = if matches!(
+        scenario,
+        Scenario::Single | Scenario::Bodies | Scenario::Rss
+    ) {
         1
     } else {
         3
@@ -198,6 +220,13 @@ fn run_scenario(args: &MeasureArgs, scenario: Scenario, dir: &Path) -> anyhow::R
         .dir(dir);
     if scenario == Scenario::Bench {
         builder = builder.extra_service(bench::floor()?);
+    }
+    if scenario == Scenario::Rss {
+        // The keys in memory, no fsync per call, as the benchmark runs the gateway.
+        builder = builder.without_ledger();
+        if args.gateway_process {
+            builder = builder.gateway_process();
+        }
     }
     if let Some(bin) = &args.service_bin {
         builder = builder.service_bin(bin);
@@ -255,6 +284,7 @@ fn run_scenario(args: &MeasureArgs, scenario: Scenario, dir: &Path) -> anyhow::R
                 round_duration: args.bench_duration,
                 latency_duration: args.bench_latency_duration,
                 warmup: 3,
+                gateway_duration: 0,
                 scale: false,
                 preload: 0,
                 keep: false,
@@ -263,6 +293,7 @@ fn run_scenario(args: &MeasureArgs, scenario: Scenario, dir: &Path) -> anyhow::R
             };
             bench::run_on(&stack, &bench_args, "cluster", dir).map(drop)
         }
+        Scenario::Rss => rss::measure(&stack, args, dir),
         Scenario::Bodies => {
             let bodies_args = bodies::BodiesArgs {
                 chunk: args.body_chunk_kib * 1024,
