@@ -21,6 +21,7 @@
 //! neither.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::Hash;
 use std::path::Path;
 use std::time::Duration;
@@ -326,10 +327,11 @@ impl MemoryStore {
             if !was_slim && !was_full {
                 let d = self.digest.of(intent.metadata.payment_id());
                 let first = self.by_payment.shard(low(d));
-                if first.contains_key(&d) {
-                    self.more.entry(d).or_default().push(intent.id);
-                } else {
-                    first.insert(d, intent.id);
+                match first.entry(d) {
+                    Entry::Vacant(e) => {
+                        e.insert(intent.id);
+                    }
+                    Entry::Occupied(_) => self.more.entry(d).or_default().push(intent.id),
                 }
             }
         }
