@@ -9,11 +9,19 @@
 //! grow by about a fifth from there on (README "Performance"). 256 shards stay under glibc's
 //! default 128 KiB threshold up to ~450,000 keys.
 //!
+//! An intent is kept the same way when it can be: a succeeded intent without refunds (what
+//! nearly every in-process charge leaves) is a 16-byte [`Slim`] record, without its metadata
+//! (found by its payment ID's digest; the in-process gateway never reads that metadata back).
+//! Any other intent (open, declined, cancelled, refunded) is kept whole: its metadata decides a
+//! later confirmation's decline, names the payment in a cancel's ledger line, and holds a
+//! refund's key (`find_refund`).
+//!
 //! What the ledger does not carry (a currency, metadata beyond the payment ID and a refund's
 //! key) comes back after a restart as `usd` and without it: the in-process gateway reads
 //! neither.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::Hash;
 use std::path::Path;
 use std::time::Duration;
@@ -43,16 +51,33 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
     }
 }
 
-/// The intents of one payment: nearly always one, without an allocation of its own.
-enum Ids {
-    One(Uuid),
-    Many(Vec<Uuid>),
+/// A succeeded intent without refunds, as the in-process gateway leaves nearly every one: 16
+/// bytes, no allocation. Its metadata is not kept (the payment ID's digest indexes it for
+/// search): the in-process gateway never reads a succeeded intent's metadata back (a cancel or
+/// confirm of it, whose ledger line would name the payment from it, is never sent).
+#[derive(Debug, Clone, Copy)]
+struct Slim {
+    amount: u64,
+    created: u32,
+    currency: Currency,
+    /// 0: none; n: `methods[n - 1]`.
+    method: u8,
 }
+
+const _: () = assert!(std::mem::size_of::<Slim>() == 16);
 
 pub struct MemoryStore {
     keys: Sharded<u128, KeyRecord>,
-    intents: Sharded<Uuid, Intent>,
-    by_payment: Sharded<u128, Ids>,
+    /// Intents kept compact ([`Slim`]).
+    slim: Sharded<Uuid, Slim>,
+    /// Every other intent, whole (open, cancelled, declined, refunded: few).
+    full: Sharded<Uuid, Intent>,
+    /// A payment's first intent ...
+    by_payment: Sharded<u128, Uuid>,
+    /// ... and its later ones, oldest first (rare: one intent per payment is the rule).
+    more: HashMap<u128, Vec<Uuid>>,
+    /// The payment methods slim intents name (the in-process gateway uses one).
+    methods: Vec<Box<str>>,
     digest: Digester,
     ledger: Option<Ledger>,
 }
@@ -61,7 +86,7 @@ impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
             .field("keys", &self.keys.len())
-            .field("intents", &self.intents.len())
+            .field("intents", &(self.slim.len() + self.full.len()))
             .finish_non_exhaustive()
     }
 }
@@ -79,8 +104,11 @@ impl MemoryStore {
     pub fn new() -> Self {
         Self {
             keys: Sharded::new(),
-            intents: Sharded::new(),
+            slim: Sharded::new(),
+            full: Sharded::new(),
             by_payment: Sharded::new(),
+            more: HashMap::new(),
+            methods: Vec::new(),
             digest: Digester::default(),
             ledger: None,
         }
@@ -100,7 +128,7 @@ impl MemoryStore {
         tracing::info!(
             path = %path.display(),
             keys = store.keys.len(),
-            intents = store.intents.len(),
+            intents = store.slim.len() + store.full.len(),
             "gateway ledger loaded"
         );
         store.ledger = Some(ledger);
@@ -222,7 +250,59 @@ impl MemoryStore {
     }
 
     fn get(&mut self, id: &Uuid) -> Option<Intent> {
-        self.intents.shard(uuid_shard(id)).get(id).cloned()
+        let shard = uuid_shard(id);
+        if let Some(slim) = self.slim.shard(shard).get(id).copied() {
+            return Some(self.expand(id, slim));
+        }
+        self.full.shard(shard).get(id).cloned()
+    }
+
+    /// The whole intent a slim record stands for.
+    fn expand(&self, id: &Uuid, slim: Slim) -> Intent {
+        Intent {
+            id: *id,
+            amount: slim.amount,
+            currency: slim.currency,
+            status: IntentStatus::Succeeded,
+            payment_method: slim
+                .method
+                .checked_sub(1)
+                .map(|n| self.methods[usize::from(n)].clone()),
+            metadata: Metadata::default(),
+            created: u64::from(slim.created),
+            canceled_at: None,
+            declined: false,
+            refunds: Vec::new(),
+        }
+    }
+
+    /// `intent` as a slim record, if it can be one.
+    fn slim_of(&mut self, intent: &Intent) -> Option<Slim> {
+        if intent.status != IntentStatus::Succeeded
+            || intent.declined
+            || intent.canceled_at.is_some()
+            || !intent.refunds.is_empty()
+        {
+            return None;
+        }
+        let created = u32::try_from(intent.created).ok()?;
+        let method = match intent.payment_method.as_deref() {
+            None => 0,
+            Some(pm) => match self.methods.iter().position(|m| &**m == pm) {
+                Some(n) => u8::try_from(n + 1).ok()?,
+                None if self.methods.len() < usize::from(u8::MAX) => {
+                    self.methods.push(pm.into());
+                    self.methods.len() as u8
+                }
+                None => return None,
+            },
+        };
+        Some(Slim {
+            amount: intent.amount,
+            created,
+            currency: intent.currency,
+            method,
+        })
     }
 
     fn apply(&mut self, key: Option<(&str, KeyRecord)>, intent: Option<&Intent>) {
@@ -231,25 +311,27 @@ impl MemoryStore {
             self.keys.shard(low(d)).insert(d, rec);
         }
         if let Some(intent) = intent {
-            let new = self
-                .intents
-                .shard(uuid_shard(&intent.id))
-                .insert(intent.id, intent.clone())
-                .is_none();
-            if new {
+            let shard = uuid_shard(&intent.id);
+            let was_slim = self.slim.shard(shard).remove(&intent.id).is_some();
+            let was_full = match self.slim_of(intent) {
+                Some(slim) => {
+                    self.slim.shard(shard).insert(intent.id, slim);
+                    self.full.shard(shard).remove(&intent.id).is_some()
+                }
+                None => self
+                    .full
+                    .shard(shard)
+                    .insert(intent.id, intent.clone())
+                    .is_some(),
+            };
+            if !was_slim && !was_full {
                 let d = self.digest.of(intent.metadata.payment_id());
-                let ids = self.by_payment.shard(low(d));
-                match ids.get_mut(&d) {
-                    None => {
-                        ids.insert(d, Ids::One(intent.id));
+                let first = self.by_payment.shard(low(d));
+                match first.entry(d) {
+                    Entry::Vacant(e) => {
+                        e.insert(intent.id);
                     }
-                    Some(Ids::Many(v)) => v.push(intent.id),
-                    Some(one @ Ids::One(_)) => {
-                        let Ids::One(first) = *one else {
-                            unreachable!()
-                        };
-                        *one = Ids::Many(vec![first, intent.id]);
-                    }
+                    Entry::Occupied(_) => self.more.entry(d).or_default().push(intent.id),
                 }
             }
         }
@@ -278,11 +360,14 @@ impl Store for MemoryStore {
 
     fn search(&mut self, payment_id: &str) -> anyhow::Result<Vec<Intent>> {
         let d = self.digest.of(payment_id);
-        let ids = match self.by_payment.shard(low(d)).get(&d) {
-            None => Vec::new(),
-            Some(Ids::One(id)) => vec![*id],
-            Some(Ids::Many(ids)) => ids.clone(),
-        };
+        let mut ids: Vec<Uuid> = self
+            .by_payment
+            .shard(low(d))
+            .get(&d)
+            .copied()
+            .into_iter()
+            .collect();
+        ids.extend(self.more.get(&d).into_iter().flatten());
         Ok(ids.iter().filter_map(|id| self.get(id)).collect())
     }
 

@@ -337,6 +337,14 @@ enum Mode {
     Act,
 }
 
+/// Which intent a call stores.
+enum Stored {
+    Nothing,
+    Own(Intent),
+    /// The one in the answer.
+    Answered,
+}
+
 enum Step {
     Done(Reply),
     Claimed,
@@ -563,7 +571,11 @@ impl<S: Store> Engine<S> {
         describe(&mut line, &reply);
         inner.store.commit(Commit {
             key: key.zip(rec),
-            intent: intent.as_ref(),
+            intent: match &intent {
+                Stored::Nothing => None,
+                Stored::Own(intent) => Some(intent),
+                Stored::Answered => reply.intent(),
+            },
             line: &line,
         })?;
         self.sweep(inner, now)?;
@@ -597,8 +609,9 @@ impl<S: Store> Engine<S> {
             || (self.config.decline_rate > 0.0 && rand::random::<f64>() < self.config.decline_rate)
     }
 
-    /// Confirms `intent`: succeeded, or declined (402 with the intent).
-    fn confirm(&self, intent: &mut Intent, payment_method: Option<&str>) -> (Reply, AnswerKind) {
+    /// Confirms `intent`: succeeded, or declined (402 with the intent). The intent moves into
+    /// the answer (no copy: the store reads it from there, [`Reply::intent`]).
+    fn confirm(&self, mut intent: Intent, payment_method: Option<&str>) -> (Reply, AnswerKind) {
         if let Some(pm) = payment_method {
             intent.payment_method = Some(pm.into());
         }
@@ -612,7 +625,7 @@ impl<S: Store> Engine<S> {
                 decline_code: Some("insufficient_funds"),
                 param: None,
                 message: INSUFFICIENT_FUNDS_MESSAGE.into(),
-                payment_intent: Some(Box::new(intent.clone())),
+                payment_intent: Some(Box::new(intent)),
             };
             (
                 Reply {
@@ -626,7 +639,7 @@ impl<S: Store> Engine<S> {
             intent.declined = false;
             (
                 Reply {
-                    body: Body::Intent(Box::new(intent.clone())),
+                    body: Body::Intent(Box::new(intent)),
                     replay: false,
                 },
                 AnswerKind::Intent,
@@ -639,7 +652,7 @@ impl<S: Store> Engine<S> {
         store: &mut S,
         post: &Post,
         now: u32,
-    ) -> anyhow::Result<(Reply, Option<KeyRecord>, Option<Intent>)> {
+    ) -> anyhow::Result<(Reply, Option<KeyRecord>, Stored)> {
         let record = |kind, intent: &Intent, n: u16| KeyRecord {
             fingerprint: post.fingerprint(),
             at: now,
@@ -654,7 +667,7 @@ impl<S: Store> Engine<S> {
         };
         let refunds = |i: &Intent| u16::try_from(i.refunds.len()).unwrap_or(u16::MAX);
         if let Post::CreateIntent(c) = post {
-            let mut intent = Intent {
+            let intent = Intent {
                 id: new_id(),
                 amount: c.amount,
                 currency: c.currency,
@@ -667,18 +680,18 @@ impl<S: Store> Engine<S> {
                 refunds: Vec::new(),
             };
             let (reply, kind) = if c.confirm {
-                self.confirm(&mut intent, None)
+                self.confirm(intent, None)
             } else {
                 (
                     Reply {
-                        body: Body::Intent(Box::new(intent.clone())),
+                        body: Body::Intent(Box::new(intent)),
                         replay: false,
                     },
                     AnswerKind::Intent,
                 )
             };
-            let rec = record(kind, &intent, 0);
-            return Ok((reply, Some(rec), Some(intent)));
+            let rec = record(kind, reply.intent().expect("an intent answered"), 0);
+            return Ok((reply, Some(rec), Stored::Answered));
         }
         let target = post.target().unwrap_or_default();
         let param = matches!(post, Post::CreateRefund(_)).then_some("payment_intent");
@@ -692,7 +705,7 @@ impl<S: Store> Engine<S> {
             return Ok((
                 error(ApiError::missing("payment_intent", target, param)),
                 None,
-                None,
+                Stored::Nothing,
             ));
         };
         let unexpected = ApiError::unexpected_state;
@@ -701,17 +714,26 @@ impl<S: Store> Engine<S> {
             Post::Confirm { payment_method, .. } => {
                 if !intent.status.open() {
                     let rec = record(AnswerKind::UnexpectedState, &intent, refunds(&intent));
-                    (error(unexpected(&intent, "confirm")), Some(rec), None)
+                    (
+                        error(unexpected(&intent, "confirm")),
+                        Some(rec),
+                        Stored::Nothing,
+                    )
                 } else {
-                    let (reply, kind) = self.confirm(&mut intent, payment_method.as_deref());
-                    let rec = record(kind, &intent, refunds(&intent));
-                    (reply, Some(rec), Some(intent))
+                    let (reply, kind) = self.confirm(intent, payment_method.as_deref());
+                    let intent = reply.intent().expect("an intent answered");
+                    let rec = record(kind, intent, refunds(intent));
+                    (reply, Some(rec), Stored::Answered)
                 }
             }
             Post::Cancel { .. } => {
                 if !intent.status.open() {
                     let rec = record(AnswerKind::UnexpectedState, &intent, refunds(&intent));
-                    (error(unexpected(&intent, "cancel")), Some(rec), None)
+                    (
+                        error(unexpected(&intent, "cancel")),
+                        Some(rec),
+                        Stored::Nothing,
+                    )
                 } else {
                     intent.status = IntentStatus::Canceled;
                     intent.canceled_at = Some(u64::from(now));
@@ -720,7 +742,7 @@ impl<S: Store> Engine<S> {
                         body: Body::Intent(Box::new(intent.clone())),
                         replay: false,
                     };
-                    (reply, Some(rec), Some(intent))
+                    (reply, Some(rec), Stored::Own(intent))
                 }
             }
             Post::CreateRefund(r) => {
@@ -733,13 +755,17 @@ impl<S: Store> Engine<S> {
                         ),
                         ..unexpected(&intent, "refund")
                     };
-                    return Ok((error(e), Some(rec), None));
+                    return Ok((error(e), Some(rec), Stored::Nothing));
                 }
                 let left = intent.amount - intent.amount_refunded().min(intent.amount);
                 let asked = r.amount.unwrap_or(left);
                 if asked == 0 || asked > left || intent.refunds.len() >= usize::from(u16::MAX) {
                     let rec = record(AnswerKind::RefundTooLarge, &intent, refunds(&intent));
-                    return Ok((error(too_large(&intent, asked, left)), Some(rec), None));
+                    return Ok((
+                        error(too_large(&intent, asked, left)),
+                        Some(rec),
+                        Stored::Nothing,
+                    ));
                 }
                 intent.refunds.push(Refund {
                     amount: asked,
@@ -753,7 +779,7 @@ impl<S: Store> Engine<S> {
                     body: Body::Refund(view),
                     replay: false,
                 };
-                (reply, Some(rec), Some(intent))
+                (reply, Some(rec), Stored::Own(intent))
             }
         })
     }

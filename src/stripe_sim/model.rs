@@ -303,6 +303,15 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The intent answered with, or declined.
+    pub fn intent(&self) -> Option<&Intent> {
+        match &self.body {
+            Body::Intent(i) => Some(i),
+            Body::Error(e) => e.payment_intent.as_deref(),
+            Body::Refund(_) => None,
+        }
+    }
+
     pub fn status(&self) -> u16 {
         match &self.body {
             Body::Error(e) => e.status,
