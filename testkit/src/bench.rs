@@ -202,18 +202,11 @@ pub fn floor() -> anyhow::Result<ExtraService> {
 /// `out/report.txt`, the summary to `out/summary.json`, and returns the summary.
 pub fn run_on(stack: &Stack, args: &BenchArgs, label: &str, out: &Path) -> anyhow::Result<Value> {
     std::fs::create_dir_all(out)?;
-    let mut pids = Vec::new();
-    for (role, pid) in [
+    let pids = sampled_pids([
         ("service", stack.service_pid()),
         ("floor", stack.extra_pid(0)),
         ("server", stack.node_pid(0)),
-    ] {
-        pids.push((
-            role,
-            pid.with_context(|| format!("the {role} is not running"))?,
-        ));
-    }
-    pids.push(("client", std::process::id()));
+    ])?;
     let ingress = stack.ingress_url(0);
     let mut bench = Bench {
         client: PaymentClient::new(vec![ingress.clone()])
@@ -1335,4 +1328,20 @@ mod tests {
         assert!(check(0.9, false).pass() && !check(1.1, false).pass());
         assert!(!check(f64::NAN, false).pass());
     }
+}
+
+/// The processes a benchmark samples: each role's PID (an error if one is not running), and
+/// this process as the load client.
+pub(crate) fn sampled_pids<const N: usize>(
+    roles: [(&'static str, Option<u32>); N],
+) -> anyhow::Result<Vec<(&'static str, u32)>> {
+    let mut pids = Vec::with_capacity(N + 1);
+    for (role, pid) in roles {
+        pids.push((
+            role,
+            pid.with_context(|| format!("the {role} is not running"))?,
+        ));
+    }
+    pids.push(("client", std::process::id()));
+    Ok(pids)
 }

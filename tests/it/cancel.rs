@@ -110,10 +110,7 @@ fn a_refund_cancelled_mid_call_is_settled_with_its_amount_and_key() {
             "the client was told otherwise"
         );
     });
-    wait_until(SETTLE_TIMEOUT, "the refund to settle", || {
-        Ok(app.payment(&id).status == PaymentStatus::Refunded)
-    })
-    .unwrap();
+    app.wait_refunded(&id);
     let refunds = app.moved_money(&id, LedgerOp::Refund);
     assert_eq!(refunds.len(), 1, "{refunds:#?}");
     assert_eq!(refunds[0].amount, 1200);

@@ -179,10 +179,7 @@ fn a_refund_asked_again_with_another_amount_after_a_lost_answer_is_made_once_wit
         app.refund(&id, &refund_body("other", Some(2500))),
     );
     assert_eq!(second.amount.minor_units(), 1000, "{second:?}");
-    wait_until(SETTLE_TIMEOUT, "the refund to settle", || {
-        Ok(app.payment(&id).status == PaymentStatus::Refunded)
-    })
-    .unwrap();
+    app.wait_refunded(&id);
     let refunds = app.moved_money(&id, LedgerOp::Refund);
     assert_eq!(refunds.len(), 1, "{refunds:#?}");
     assert_eq!(refunds[0].amount, 1000);

@@ -279,6 +279,15 @@ impl TestApp {
         self.payment(id)
     }
 
+    /// Waits until the payment is `refunded` (its refund settled, by itself if need be).
+    #[track_caller]
+    pub fn wait_refunded(&self, id: &str) {
+        wait_until(SETTLE_TIMEOUT, "the refund to settle", || {
+            Ok(self.payment(id).status == PaymentStatus::Refunded)
+        })
+        .unwrap();
+    }
+
     /// Asserts that every invocation of these payments has finished: completed, never retried,
     /// and a failure (if any) a terminal one with a 4xx code. The invocations.
     #[track_caller]

@@ -111,10 +111,7 @@ fn a_charge_whose_answers_are_lost_ends_completed_with_its_one_charge() {
     );
     assert_eq!(other.status, RefundStatus::Pending, "{other:?}");
     assert_eq!(other.amount.minor_units(), 1000, "{other:?}");
-    wait_until(SETTLE_TIMEOUT, "the refund to settle", || {
-        Ok(app.payment(&id).status == PaymentStatus::Refunded)
-    })
-    .unwrap();
+    app.wait_refunded(&id);
     let refunds = app.moved_money(&id, LedgerOp::Refund);
     assert_eq!(refunds.len(), 1, "{refunds:#?}");
     assert_eq!(refunds[0].amount, 1000);

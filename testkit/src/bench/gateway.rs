@@ -84,18 +84,11 @@ struct Side {
 }
 
 fn measure(stack: &Stack, args: &BenchArgs) -> anyhow::Result<(Report, Side)> {
-    let mut pids = Vec::new();
-    for (role, pid) in [
+    let pids = super::sampled_pids([
         ("service", stack.service_pid()),
         ("gateway", stack.gateway_pid()),
         ("server", stack.node_pid(0)),
-    ] {
-        pids.push((
-            role,
-            pid.with_context(|| format!("the {role} is not running"))?,
-        ));
-    }
-    pids.push(("client", std::process::id()));
+    ])?;
     let ingress = stack.ingress_url(0);
     let mut bench = Bench {
         client: PaymentClient::new(vec![ingress.clone()])
