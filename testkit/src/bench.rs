@@ -1296,6 +1296,22 @@ fn scenarios_by_name(summary: &Value) -> BTreeMap<String, Value> {
         .collect()
 }
 
+/// The processes a benchmark samples: each role's PID (an error if one is not running), and
+/// this process as the load client.
+pub(crate) fn sampled_pids<const N: usize>(
+    roles: [(&'static str, Option<u32>); N],
+) -> anyhow::Result<Vec<(&'static str, u32)>> {
+    let mut pids = Vec::with_capacity(N + 1);
+    for (role, pid) in roles {
+        pids.push((
+            role,
+            pid.with_context(|| format!("the {role} is not running"))?,
+        ));
+    }
+    pids.push(("client", std::process::id()));
+    Ok(pids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1328,20 +1344,4 @@ mod tests {
         assert!(check(0.9, false).pass() && !check(1.1, false).pass());
         assert!(!check(f64::NAN, false).pass());
     }
-}
-
-/// The processes a benchmark samples: each role's PID (an error if one is not running), and
-/// this process as the load client.
-pub(crate) fn sampled_pids<const N: usize>(
-    roles: [(&'static str, Option<u32>); N],
-) -> anyhow::Result<Vec<(&'static str, u32)>> {
-    let mut pids = Vec::with_capacity(N + 1);
-    for (role, pid) in roles {
-        pids.push((
-            role,
-            pid.with_context(|| format!("the {role} is not running"))?,
-        ));
-    }
-    pids.push(("client", std::process::id()));
-    Ok(pids)
 }
