@@ -349,6 +349,10 @@ impl Store for MemoryStore {
         self.ledger.is_some()
     }
 
+    fn records(&self) -> bool {
+        self.ledger.is_some()
+    }
+
     fn key(&mut self, key: &str) -> anyhow::Result<Option<KeyRecord>> {
         let d = self.digest.of(key);
         Ok(self.keys.shard(low(d)).get(&d).copied())
@@ -373,8 +377,8 @@ impl Store for MemoryStore {
 
     fn commit(&mut self, commit: Commit<'_>) -> anyhow::Result<()> {
         // Not recorded means not done: the caller gets no answer and retries with the key.
-        if let Some(ledger) = &mut self.ledger {
-            ledger.append(commit.line)?;
+        if let (Some(ledger), Some(line)) = (&mut self.ledger, commit.line) {
+            ledger.append(line)?;
         }
         self.apply(commit.key, commit.intent);
         Ok(())

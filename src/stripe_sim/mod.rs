@@ -216,8 +216,9 @@ impl Post {
         }
     }
 
-    /// The ledger line for this call, before it is known what it did.
-    fn line(&self, key: Option<&str>, at_ms: u64) -> LedgerEntry {
+    /// The ledger line for this call (its parameters' `fingerprint`), before it is known what
+    /// it did.
+    fn line(&self, key: Option<&str>, at_ms: u64, fingerprint: u64) -> LedgerEntry {
         let (payment_id, amount) = match self {
             Post::CreateIntent(c) => (c.metadata.payment_id(), c.amount),
             Post::CreateRefund(r) => (r.metadata.payment_id(), r.amount.unwrap_or(0)),
@@ -225,7 +226,7 @@ impl Post {
         };
         LedgerEntry {
             at: Some(at_ms),
-            params: Some(format!("{:016x}", self.fingerprint())),
+            params: Some(format!("{fingerprint:016x}")),
             intent: self.target().map(str::to_owned),
             ..LedgerEntry::new(
                 self.ledger_op(),
@@ -266,6 +267,8 @@ impl Fnv {
 pub trait Store: Send + 'static {
     /// Whether `commit` waits for the disk (the engine then calls it off the async workers).
     fn blocks(&self) -> bool;
+    /// Whether it keeps ledger lines (the engine builds none for a store that does not).
+    fn records(&self) -> bool;
     fn key(&mut self, key: &str) -> anyhow::Result<Option<KeyRecord>>;
     fn intent(&mut self, id: &Uuid) -> anyhow::Result<Option<Intent>>;
     /// The intents whose `metadata[payment_id]` is `payment_id`, oldest first.
@@ -280,7 +283,7 @@ pub trait Store: Send + 'static {
 pub struct Commit<'a> {
     pub key: Option<(&'a str, KeyRecord)>,
     pub intent: Option<&'a Intent>,
-    pub line: &'a LedgerEntry,
+    pub line: Option<&'a LedgerEntry>,
 }
 
 /// Milliseconds since the Unix epoch; a test's clock moves when the test says so.
@@ -469,13 +472,13 @@ impl<S: Store> Engine<S> {
         fault: LedgerFault,
     ) -> anyhow::Result<()> {
         self.blocking(move |e| {
-            let mut line = post.line(key.as_deref(), (e.clock)());
+            let mut line = post.line(key.as_deref(), (e.clock)(), post.fingerprint());
             line.outcome = LedgerOutcome::Failed;
             line.fault = Some(fault);
             e.lock().store.commit(Commit {
                 key: None,
                 intent: None,
-                line: &line,
+                line: Some(&line),
             })
         })
         .await?
@@ -492,11 +495,15 @@ impl<S: Store> Engine<S> {
         let inner = &mut *inner;
         let now_ms = (self.clock)();
         let now = (now_ms / 1000) as u32;
-        let mut line = post.line(key.as_deref(), now_ms);
-        if dropped {
+        let fingerprint = post.fingerprint();
+        // Built only for a store that keeps it (the benchmark's in-process store keeps none).
+        let mut line = inner
+            .store
+            .records()
+            .then(|| post.line(key.as_deref(), now_ms, fingerprint));
+        if let Some(line) = line.as_mut().filter(|_| dropped) {
             line.fault = Some(LedgerFault::Drop);
         }
-        let fingerprint = post.fingerprint();
         let key = key
             .as_deref()
             .filter(|_| !self.config.ignore_idempotency_keys);
@@ -534,11 +541,13 @@ impl<S: Store> Engine<S> {
                 None
             };
             if let Some(error) = refusal {
-                line.error = Some(error.code.unwrap_or(error.kind).to_owned());
+                if let Some(line) = line.as_mut() {
+                    line.error = Some(error.code.unwrap_or(error.kind).to_owned());
+                }
                 inner.store.commit(Commit {
                     key: None,
                     intent: None,
-                    line: &line,
+                    line: line.as_ref(),
                 })?;
                 return Ok(Step::Done(Reply {
                     body: Body::Error(error),
@@ -547,12 +556,14 @@ impl<S: Store> Engine<S> {
             }
             if let Some(rec) = known {
                 let reply = self.render(&mut inner.store, &rec, post)?;
-                line.replay = true;
-                describe(&mut line, &reply);
+                if let Some(line) = line.as_mut() {
+                    line.replay = true;
+                    describe(line, &reply);
+                }
                 inner.store.commit(Commit {
                     key: None,
                     intent: None,
-                    line: &line,
+                    line: line.as_ref(),
                 })?;
                 return Ok(Step::Done(Reply {
                     replay: true,
@@ -567,8 +578,10 @@ impl<S: Store> Engine<S> {
         if let Some(digest) = digest {
             inner.in_flight.remove(&digest);
         }
-        let (reply, rec, intent) = self.act(&mut inner.store, post, now)?;
-        describe(&mut line, &reply);
+        let (reply, rec, intent) = self.act(&mut inner.store, post, fingerprint, now)?;
+        if let Some(line) = line.as_mut() {
+            describe(line, &reply);
+        }
         inner.store.commit(Commit {
             key: key.zip(rec),
             intent: match &intent {
@@ -576,7 +589,7 @@ impl<S: Store> Engine<S> {
                 Stored::Own(intent) => Some(intent),
                 Stored::Answered => reply.intent(),
             },
-            line: &line,
+            line: line.as_ref(),
         })?;
         self.sweep(inner, now)?;
         Ok(Step::Done(reply))
@@ -651,10 +664,11 @@ impl<S: Store> Engine<S> {
         &self,
         store: &mut S,
         post: &Post,
+        fingerprint: u64,
         now: u32,
     ) -> anyhow::Result<(Reply, Option<KeyRecord>, Stored)> {
         let record = |kind, intent: &Intent, n: u16| KeyRecord {
-            fingerprint: post.fingerprint(),
+            fingerprint,
             at: now,
             kind,
             status: intent.status,

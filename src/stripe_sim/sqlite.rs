@@ -121,6 +121,10 @@ impl Store for SqliteStore {
         true
     }
 
+    fn records(&self) -> bool {
+        true
+    }
+
     fn key(&mut self, key: &str) -> anyhow::Result<Option<KeyRecord>> {
         let row = self
             .db
@@ -168,7 +172,10 @@ impl Store for SqliteStore {
     }
 
     fn commit(&mut self, commit: Commit<'_>) -> anyhow::Result<()> {
-        let line = serde_json::to_string(commit.line)?;
+        let entry = commit
+            .line
+            .context("the gateway database records every call")?;
+        let line = serde_json::to_string(entry)?;
         let tx = self.db.transaction()?;
         if let Some((key, rec)) = commit.key {
             tx.prepare_cached(
@@ -200,7 +207,7 @@ impl Store for SqliteStore {
             .execute([&line])?;
         tx.commit().context("committing to the gateway database")?;
         if let Some(ledger) = &mut self.ledger {
-            ledger.append(commit.line)?;
+            ledger.append(entry)?;
         }
         Ok(())
     }
