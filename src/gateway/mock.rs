@@ -12,7 +12,7 @@ use async_trait::async_trait;
 
 use super::{
     ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest,
-    RefundResponse, VoidRequest, VoidResponse,
+    RefundResponse, VoidRequest, VoidResponse, refund_in_full,
 };
 use crate::stripe_sim::{
     Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults, LedgerFault,
@@ -284,18 +284,7 @@ impl PaymentGateway for MockGateway {
                 match self.charge(charge.clone()).await? {
                     ChargeResponse::Declined { .. } => Ok(VoidResponse::NothingCharged),
                     ChargeResponse::Succeeded { charge_id } => {
-                        let refund = self
-                            .refund(RefundRequest {
-                                idempotency_key: request.refund_key.clone(),
-                                payment_id: charge.payment_id.clone(),
-                                charge_id: charge_id.clone(),
-                                amount: charge.amount,
-                            })
-                            .await?;
-                        Ok(VoidResponse::Refunded {
-                            charge_id,
-                            refund_id: refund.refund_id,
-                        })
+                        refund_in_full(self, &request, charge_id).await
                     }
                 }
             }
@@ -454,6 +443,55 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, GatewayError::Rejected(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_void_refunds_a_charge_that_went_through_or_reports_the_refund_refused() {
+        let gw = MockGateway::new(config(0.0)).unwrap();
+        let void = |key: &str| VoidRequest {
+            charge: charge(key, "cust", 300),
+            refund_key: format!("void:{key}"),
+        };
+        let ChargeResponse::Succeeded { charge_id } =
+            gw.charge(charge("charge:v1", "cust", 300)).await.unwrap()
+        else {
+            panic!("declined")
+        };
+        let refunded = gw.void(void("charge:v1")).await.unwrap();
+        assert!(
+            matches!(&refunded, VoidResponse::Refunded { charge_id: c, .. } if *c == charge_id),
+            "{refunded:?}"
+        );
+        assert_eq!(
+            gw.void(void("charge:v1")).await.unwrap(),
+            refunded,
+            "a repeat"
+        );
+
+        // Refunded already under another key: the gateway refuses the void's refund, for good.
+        let ChargeResponse::Succeeded { charge_id } =
+            gw.charge(charge("charge:v2", "cust", 300)).await.unwrap()
+        else {
+            panic!("declined")
+        };
+        gw.refund(RefundRequest {
+            idempotency_key: "refund:elsewhere".into(),
+            payment_id: "v2".into(),
+            charge_id: charge_id.clone(),
+            amount: 300,
+        })
+        .await
+        .unwrap();
+        match gw.void(void("charge:v2")).await.unwrap() {
+            VoidResponse::RefundRefused {
+                charge_id: c,
+                reason,
+            } => {
+                assert_eq!(c, charge_id);
+                assert!(reason.contains("charge_already_refunded"), "{reason}");
+            }
+            other => panic!("expected the refund refused, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -77,6 +77,35 @@ pub enum VoidResponse {
         charge_id: String,
         refund_id: String,
     },
+    /// The charge had gone through and the gateway refused its refund (final, e.g. refunded
+    /// already by someone else): the charge stands.
+    RefundRefused { charge_id: String, reason: String },
+}
+
+/// The refund in full that voids `request.charge`, which went through as `charge_id`: one
+/// place for both gateways and the service's look-up. A refusal is final, not an error to
+/// retry: the charge stands, and the caller records it.
+pub async fn refund_in_full<G: PaymentGateway + ?Sized>(
+    gateway: &G,
+    request: &VoidRequest,
+    charge_id: String,
+) -> Result<VoidResponse, GatewayError> {
+    let refund = RefundRequest {
+        idempotency_key: request.refund_key.clone(),
+        payment_id: request.charge.payment_id.clone(),
+        charge_id: charge_id.clone(),
+        amount: request.charge.amount,
+    };
+    match gateway.refund(refund).await {
+        Ok(refund) => Ok(VoidResponse::Refunded {
+            charge_id,
+            refund_id: refund.refund_id,
+        }),
+        Err(GatewayError::Rejected(reason)) => {
+            Ok(VoidResponse::RefundRefused { charge_id, reason })
+        }
+        Err(unknown) => Err(unknown),
+    }
 }
 
 /// What the gateway holds for a payment, found without an idempotency key (its keys may have

@@ -32,7 +32,7 @@ use uuid::Uuid;
 use super::mock::DECLINE_REASON;
 use super::{
     ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest,
-    RefundResponse, VoidRequest, VoidResponse,
+    RefundResponse, VoidRequest, VoidResponse, refund_in_full,
 };
 
 /// Stripe's own API.
@@ -193,7 +193,7 @@ impl StripeGateway {
         match intent.status.as_str() {
             "canceled" => return Ok(VoidResponse::NothingCharged),
             // Not for an intent created unconfirmed, unless someone else confirmed it.
-            "succeeded" => return self.refund_in_full(request, intent.id).await,
+            "succeeded" => return refund_in_full(self, request, intent.id).await,
             _ => {}
         }
         let cancel_key = format!("{}:cancel", request.charge.idempotency_key);
@@ -209,25 +209,6 @@ impl StripeGateway {
                 },
             },
         }
-    }
-
-    async fn refund_in_full(
-        &self,
-        request: &VoidRequest,
-        charge_id: String,
-    ) -> Result<VoidResponse, GatewayError> {
-        let refund = self
-            .refund(RefundRequest {
-                idempotency_key: request.refund_key.clone(),
-                payment_id: request.charge.payment_id.clone(),
-                charge_id: charge_id.clone(),
-                amount: request.charge.amount,
-            })
-            .await?;
-        Ok(VoidResponse::Refunded {
-            charge_id,
-            refund_id: refund.refund_id,
-        })
     }
 }
 
@@ -289,7 +270,7 @@ impl PaymentGateway for StripeGateway {
             {
                 match self.charge(request.charge.clone()).await? {
                     ChargeResponse::Succeeded { charge_id } => {
-                        self.refund_in_full(&request, charge_id).await
+                        refund_in_full(self, &request, charge_id).await
                     }
                     ChargeResponse::Declined { .. } => Ok(VoidResponse::NothingCharged),
                 }

@@ -5,7 +5,8 @@
 //!                       │  ▲ │
 //!                       │  └─┘ outcome unknown: stays pending, settled later by the service itself
 //!                       ├──declined, rejected, or the look-up finds no charge──▶ failed    (final)
-//!                       └──invocation cancelled: the charge voided or refunded──▶ canceled (final)
+//!                       ├──invocation cancelled: the charge voided or refunded──▶ canceled (final)
+//!                       └──invocation cancelled, the gateway refused the charge's refund──▶ completed
 //! ```
 //!
 //! Everything here is plain data and pure functions: the Restate handlers decide nothing
@@ -158,6 +159,12 @@ pub enum VoidOutcome {
         #[serde(with = "epoch_millis")]
         at: Timestamp,
     },
+    /// The charge had gone through and the gateway refused its refund: the charge stands.
+    #[serde(rename_all = "camelCase")]
+    Refused {
+        charge_id: String,
+        reason: String,
+    },
     Unknown {
         reason: String,
         attempts: u32,
@@ -221,8 +228,9 @@ impl Payment {
     }
 
     /// Records what voiding the charge did: `canceled`, with the refund if it had gone
-    /// through (returned, to be stored as the payment's refund), or, unknown, still pending
-    /// and `canceling`.
+    /// through (returned, to be stored as the payment's refund); `completed` if the gateway
+    /// refused that refund (the money was taken and stays taken: the state says so, and why);
+    /// or, unknown, still pending and `canceling`.
     pub fn cancel(&mut self, outcome: VoidOutcome) -> Option<Refund> {
         debug_assert_eq!(self.status, PaymentStatus::Pending);
         self.canceling = true;
@@ -250,6 +258,16 @@ impl Payment {
                     self.amount,
                     REASON_CANCELED.to_owned(),
                 ))
+            }
+            VoidOutcome::Refused { charge_id, reason } => {
+                self.status = PaymentStatus::Completed;
+                self.error_msg = Some(format!(
+                    "not canceled: the gateway refused to refund the charge {charge_id}: {reason}"
+                ));
+                self.charge_id = Some(charge_id);
+                self.canceling = false;
+                self.last_error = None;
+                None
             }
             VoidOutcome::Unknown { reason, attempts } => {
                 self.attempts += attempts;
@@ -587,6 +605,26 @@ mod tests {
             (p.amount, RefundStatus::Completed)
         );
         assert_eq!(PaymentResult::settled(&p).status, PaymentStatus::Canceled);
+    }
+
+    #[test]
+    fn a_void_whose_refund_the_gateway_refused_leaves_the_payment_charged_saying_why() {
+        let mut p = pending(10000);
+        let refused = VoidOutcome::Refused {
+            charge_id: "ch_1".into(),
+            reason: "charge_already_refunded".into(),
+        };
+        assert_eq!(p.cancel(refused), None, "no refund of ours to store");
+        assert_eq!(p.status, PaymentStatus::Completed);
+        assert_eq!(p.charge_id.as_deref(), Some("ch_1"));
+        assert!(!p.canceling && !p.is_settling(), "settled: no more rounds");
+        let why = p.error_msg.as_deref().unwrap();
+        assert!(
+            why.contains("ch_1") && why.contains("charge_already_refunded"),
+            "{why}"
+        );
+        // Charged: a refund can still be asked for (the gateway says what it makes of it).
+        assert!(p.refundable_amount(RefundAmount::Full).is_ok());
     }
 
     #[test]

@@ -37,11 +37,11 @@ mod settle;
 use std::sync::Arc;
 
 use restate_sdk::prelude::*;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::gateway::{
     Attempted, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway,
-    RefundRequest as GatewayRefund, VoidRequest, VoidResponse, with_retries,
+    RefundRequest as GatewayRefund, VoidRequest, VoidResponse, refund_in_full, with_retries,
 };
 use crate::payment::{
     ChargeOutcome, ChargeStep, CreatePaymentBody, NewPayment, NoInput, Payment, PaymentError,
@@ -368,6 +368,8 @@ impl PaymentService {
         if payment.status == PaymentStatus::Pending {
             warn!(payment_id = %id, last_error = payment.last_error.as_deref(), "void outcome unknown: settled later");
             self.schedule(ctx, id, round);
+        } else if payment.status == PaymentStatus::Completed {
+            error!(payment_id = %id, charge_id = payment.charge_id.as_deref(), error = payment.error_msg.as_deref(), "cancel failed: the gateway refused the refund, the charge stands");
         } else {
             info!(payment_id = %id, charge_id = payment.charge_id.as_deref(), error = payment.error_msg.as_deref(), "payment canceled");
         }
@@ -412,6 +414,9 @@ impl PaymentService {
                         refund_id,
                         at: Timestamp::now(),
                     },
+                    Ok(VoidResponse::RefundRefused { charge_id, reason }) => {
+                        VoidOutcome::Refused { charge_id, reason }
+                    }
                     Err(e) => VoidOutcome::Unknown {
                         reason: e.to_string(),
                         attempts,
@@ -692,21 +697,12 @@ async fn void_by_lookup(
         }
         Ok(ChargeLookup::Charged { charge_id }) => charge_id,
     };
-    let refund = GatewayRefund {
-        idempotency_key: request.refund_key.clone(),
-        payment_id: payment_id.to_owned(),
-        charge_id: charge_id.clone(),
-        amount: request.charge.amount,
-    };
     let refunded = with_retries(policy.retry, payment_id, "void refund", || {
-        gateway.refund(refund.clone())
+        refund_in_full(gateway, request, charge_id.clone())
     })
     .await;
     Attempted {
-        result: refunded.result.map(|r| VoidResponse::Refunded {
-            charge_id,
-            refund_id: r.refund_id,
-        }),
+        result: refunded.result,
         attempts: found.attempts + refunded.attempts,
     }
 }

@@ -218,3 +218,70 @@ fn a_hung_call_gets_no_answer_and_does_not_act() {
     assert!(!entries[0].acted());
     assert_eq!(entries[0].outcome, LedgerOutcome::Failed);
 }
+
+/// The Stripe adapter's void against the process (localstripe ignores keys, so this is where a
+/// charge that went through is voided): refunded in full under the void's key, or, refunded
+/// already by someone else, the refund refused for good: the charge stands and no round of
+/// the service retries it.
+#[test]
+fn the_stripe_adapter_voids_a_charge_that_went_through_or_reports_its_refund_refused() {
+    use payment_service::gateway::{
+        ApiKey, ChargeRequest, ChargeResponse, PaymentGateway, RefundRequest, StripeConfig,
+        StripeGateway, VoidRequest, VoidResponse,
+    };
+
+    let gw = Gateway::start("void", &[]);
+    let adapter = StripeGateway::new(StripeConfig {
+        api_base: gw.url.clone(),
+        ..StripeConfig::new(ApiKey::new(KEY))
+    })
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let charge = |payment_id: &str| ChargeRequest {
+        idempotency_key: format!("charge:{payment_id}"),
+        payment_id: payment_id.to_owned(),
+        amount: 2500,
+        currency: "USD".to_owned(),
+        customer_id: "cust-1".to_owned(),
+    };
+    let void = |payment_id: &str| VoidRequest {
+        charge: charge(payment_id),
+        refund_key: format!("void:{payment_id}"),
+    };
+    let charged = |payment_id: &str| match runtime.block_on(adapter.charge(charge(payment_id))) {
+        Ok(ChargeResponse::Succeeded { charge_id }) => charge_id,
+        other => panic!("expected a charge, got {other:?}"),
+    };
+
+    let first = charged("void-1");
+    match runtime.block_on(adapter.void(void("void-1"))).unwrap() {
+        VoidResponse::Refunded { charge_id, .. } => assert_eq!(charge_id, first),
+        other => panic!("expected the charge refunded, got {other:?}"),
+    }
+
+    let second = charged("void-2");
+    runtime
+        .block_on(adapter.refund(RefundRequest {
+            idempotency_key: "refund:from-the-dashboard".to_owned(),
+            payment_id: "void-2".to_owned(),
+            charge_id: second.clone(),
+            amount: 2500,
+        }))
+        .unwrap();
+    match runtime.block_on(adapter.void(void("void-2"))).unwrap() {
+        VoidResponse::RefundRefused { charge_id, reason } => {
+            assert_eq!(charge_id, second);
+            assert!(reason.contains("charge_already_refunded"), "{reason}");
+        }
+        other => panic!("expected the refund refused, got {other:?}"),
+    }
+    let refunds: Vec<_> = lines(&gw.ledger())
+        .into_iter()
+        .filter(|e| e.op == LedgerOp::Refund && e.acted())
+        .map(|e| e.idempotency_key)
+        .collect();
+    assert_eq!(refunds, ["void:void-1", "refund:from-the-dashboard"]);
+}
