@@ -4,7 +4,7 @@
 //! retrying, so the Restate boundary turns each into a terminal error with a 4xx code
 //! (see `service::to_terminal`).
 
-use super::PaymentStatus;
+use super::{Amount, PaymentStatus};
 
 /// Why a request was refused by the domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,12 +37,28 @@ pub enum PaymentError {
     },
     /// The payment exists but is in a status that forbids the operation.
     #[error(
-        "cannot refund payment {payment_id} with status {status}: only completed payments can be refunded"
+        "cannot refund payment {payment_id} with status {status}: only completed or partially refunded payments can be refunded"
     )]
     NotRefundable {
         payment_id: String,
         status: PaymentStatus,
     },
+    /// A refund of more than is left of the payment once its refunds (made or still being
+    /// settled) are taken off.
+    #[error(
+        "cannot refund {requested} of payment {payment_id}: {left} of its {amount} is left to refund"
+    )]
+    RefundExceedsBalance {
+        payment_id: String,
+        requested: Amount,
+        left: u64,
+        amount: Amount,
+    },
+    /// A payment has at most this many refunds made with refund keys.
+    #[error(
+        "payment {payment_id} has {max} refunds with refund keys already, the most it can have"
+    )]
+    TooManyRefunds { payment_id: String, max: usize },
     /// The gateway refused the refund and did nothing; the payment stays as it was.
     #[error("the gateway refused to refund payment {payment_id}: {reason}")]
     RefundRejected { payment_id: String, reason: String },

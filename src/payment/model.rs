@@ -1,9 +1,13 @@
 //! The payment's life: what is stored, what is answered, and the transitions between states.
 //!
 //! ```text
-//!   (none) ──create──▶ pending ──charged (or the look-up finds the charge)──▶ completed ──refund──▶ refunded
-//!                       │  ▲ │
-//!                       │  └─┘ outcome unknown: stays pending, settled later by the service itself
+//!   (none) ──create──▶ pending ──charged (or the look-up finds the charge)──▶ completed
+//!                       │  ▲ │                                                     │ a refund of part
+//!                       │  └─┘ outcome unknown: stays pending, settled              ▼
+//!                       │      later by the service itself                   partially_refunded
+//!                       │                                                          │ the refunds reach the amount
+//!                       │                                                          ▼ (or, from completed, a refund of all)
+//!                       │                                                       refunded (final)
 //!                       ├──declined, rejected, or the look-up finds no charge──▶ failed    (final)
 //!                       ├──invocation cancelled: the charge voided or refunded──▶ canceled (final)
 //!                       └──invocation cancelled, the gateway refused the charge's refund──▶ completed
@@ -45,8 +49,12 @@ pub enum PaymentStatus {
     /// Not charged, for good: the gateway declined or refused the charge, or, after its outcome
     /// stayed unknown, the gateway's records show it never charged. `errorMsg` says why.
     Failed,
-    /// Charged, then refunded (in full or in part: see the stored refund).
+    /// Charged, then refunded in full (`amountRefunded` is the amount).
     Refunded,
+    /// Charged, then refunded in part: `amountRefunded` is less than the amount, and what is
+    /// left can still be refunded.
+    #[serde(rename = "partially_refunded")]
+    PartiallyRefunded,
     /// Cancelled by an operator while the charge was unsettled, and voided: nothing charged, or
     /// the charge refunded in full (then `chargeId` names it and the stored refund holds it).
     Canceled,
@@ -59,6 +67,7 @@ impl PaymentStatus {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Refunded => "refunded",
+            Self::PartiallyRefunded => "partially_refunded",
             Self::Canceled => "canceled",
         }
     }
@@ -105,6 +114,25 @@ pub struct Payment {
     /// refusal too) or one it had no record of once the key expired. The next refund uses a new key.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub spent_refund_keys: u32,
+    /// Minor units refunded so far, by every refund made (the payment's one refund and those
+    /// made with refund keys).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub amount_refunded: u64,
+    /// The refunds made with refund keys, oldest first, pending ones included. `GetPayment`
+    /// lists the payment's one refund (state key `refund`) first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refunds: Vec<Refund>,
+    /// Gateway keys numbered for refunds with refund keys so far (see
+    /// `PaymentId::keyed_refund_key`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refund_keys_used: u32,
+}
+
+/// The most refunds with refund keys one payment can have: each is stored with the payment.
+pub const MAX_KEYED_REFUNDS: usize = 100;
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -192,6 +220,9 @@ impl Payment {
             last_error: None,
             canceling: false,
             spent_refund_keys: 0,
+            amount_refunded: 0,
+            refunds: Vec::new(),
+            refund_keys_used: 0,
         }
     }
 
@@ -301,29 +332,122 @@ impl Payment {
         }
     }
 
-    /// How much a refund request takes from this payment, or why it cannot.
-    pub fn refundable_amount(&self, requested: RefundAmount) -> Result<Amount, PaymentError> {
-        if self.status != PaymentStatus::Completed {
+    /// How much a refund request takes from this payment, or why it cannot. `pending` is what
+    /// refunds still being settled hold besides those under `refunds` (the payment's one
+    /// refund, when the request has a refund key): it is taken as refunded until they settle.
+    pub fn refundable_amount(
+        &self,
+        requested: RefundAmount,
+        pending: u64,
+    ) -> Result<Amount, PaymentError> {
+        if !matches!(
+            self.status,
+            PaymentStatus::Completed | PaymentStatus::PartiallyRefunded
+        ) {
             return Err(PaymentError::NotRefundable {
                 payment_id: self.payment_id.clone(),
                 status: self.status,
             });
         }
-        match requested {
-            RefundAmount::Full => Ok(self.amount),
+        let held = self.amount_refunded
+            + pending
+            + self
+                .refunds
+                .iter()
+                .filter(|r| r.status == RefundStatus::Pending)
+                .map(|r| r.amount.minor_units())
+                .sum::<u64>();
+        let left = self.amount.minor_units().saturating_sub(held);
+        let requested = match requested {
             RefundAmount::Partial(amount) if amount > self.amount => {
-                Err(PaymentError::invalid(format!(
+                return Err(PaymentError::invalid(format!(
                     "refund amount {amount} exceeds the payment amount {}",
                     self.amount
-                )))
+                )));
             }
-            RefundAmount::Partial(amount) => Ok(amount),
+            RefundAmount::Partial(amount) => amount,
+            RefundAmount::Full => match Amount::new(left) {
+                Ok(all_left) => all_left,
+                // Nothing left: refused below with what is left, 0.
+                Err(_) => self.amount,
+            },
+        };
+        if requested.minor_units() > left {
+            return Err(PaymentError::RefundExceedsBalance {
+                payment_id: self.payment_id.clone(),
+                requested,
+                left,
+                amount: self.amount,
+            });
+        }
+        Ok(requested)
+    }
+
+    /// Records a refund of `amount` made: `refunded` once the refunds reach the amount,
+    /// `partially_refunded` before.
+    pub fn mark_refunded(&mut self, amount: Amount) {
+        debug_assert!(matches!(
+            self.status,
+            PaymentStatus::Completed | PaymentStatus::PartiallyRefunded
+        ));
+        self.amount_refunded += amount.minor_units();
+        self.status = if self.amount_refunded >= self.amount.minor_units() {
+            PaymentStatus::Refunded
+        } else {
+            PaymentStatus::PartiallyRefunded
+        };
+    }
+
+    /// The refund made with refund key `key`, if any.
+    pub fn keyed_refund(&self, key: &str) -> Option<&Refund> {
+        self.refunds
+            .iter()
+            .find(|r| r.refund_key.as_deref() == Some(key))
+    }
+
+    /// Stores a new refund with the client's refund key `key`, pending, under the next
+    /// numbered gateway key; the stored refund. Refused past [`MAX_KEYED_REFUNDS`].
+    pub fn add_keyed_refund(
+        &mut self,
+        id: &PaymentId,
+        key: String,
+        amount: Amount,
+        reason: String,
+    ) -> Result<Refund, PaymentError> {
+        if self.refunds.len() >= MAX_KEYED_REFUNDS {
+            return Err(PaymentError::TooManyRefunds {
+                payment_id: self.payment_id.clone(),
+                max: MAX_KEYED_REFUNDS,
+            });
+        }
+        let mut refund = Refund::pending(amount, reason);
+        refund.refund_key = Some(key);
+        refund.gateway_key = Some(self.next_refund_gateway_key(id));
+        self.refunds.push(refund.clone());
+        Ok(refund)
+    }
+
+    /// The next numbered gateway key for a refund with a refund key.
+    pub fn next_refund_gateway_key(&mut self, id: &PaymentId) -> String {
+        self.refund_keys_used += 1;
+        id.keyed_refund_key(self.refund_keys_used)
+    }
+
+    /// Stores `refund` (one with a refund key) over the stored one with its key.
+    pub fn put_keyed_refund(&mut self, refund: Refund) {
+        if let Some(stored) = self
+            .refunds
+            .iter_mut()
+            .find(|r| r.refund_key == refund.refund_key)
+        {
+            *stored = refund;
         }
     }
 
-    pub fn mark_refunded(&mut self) {
-        debug_assert_eq!(self.status, PaymentStatus::Completed);
-        self.status = PaymentStatus::Refunded;
+    /// Drops the refund with refund key `key` (the gateway refused it: nothing was made).
+    pub fn drop_keyed_refund(&mut self, key: &str) {
+        self.refunds
+            .retain(|r| r.refund_key.as_deref() != Some(key));
     }
 
     /// The refund key is used up (see `spent_refund_keys`): the next refund gets a new one.
@@ -403,6 +527,13 @@ pub struct Refund {
     /// Why the refund's outcome is not known yet, while pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The client's refund key, for a refund made with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_key: Option<String>,
+    /// The idempotency key the gateway is sent, for a refund made with a refund key (stored
+    /// before the call, so that every attempt sends the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_key: Option<String>,
 }
 
 /// What the refund step settled on, recorded once like [`ChargeOutcome`].
@@ -447,6 +578,8 @@ impl Refund {
             requested_at: None,
             attempts: 0,
             last_error: None,
+            refund_key: None,
+            gateway_key: None,
         }
     }
 
@@ -461,6 +594,8 @@ impl Refund {
             requested_at: None,
             attempts: 0,
             last_error: None,
+            refund_key: None,
+            gateway_key: None,
         }
     }
 
@@ -624,7 +759,7 @@ mod tests {
             "{why}"
         );
         // Charged: a refund can still be asked for (the gateway says what it makes of it).
-        assert!(p.refundable_amount(RefundAmount::Full).is_ok());
+        assert!(p.refundable_amount(RefundAmount::Full, 0).is_ok());
     }
 
     #[test]
@@ -676,7 +811,7 @@ mod tests {
         ] {
             let mut p = pending(10000);
             p.status = status;
-            let err = p.refundable_amount(RefundAmount::Full).unwrap_err();
+            let err = p.refundable_amount(RefundAmount::Full, 0).unwrap_err();
             assert!(err.to_string().contains(status.as_str()), "{err}");
             assert!(matches!(err, PaymentError::NotRefundable { .. }));
         }
@@ -687,21 +822,91 @@ mod tests {
         let p = completed(10000);
         let amount = |n| RefundAmount::Partial(Amount::new(n).unwrap());
         assert_eq!(
-            p.refundable_amount(RefundAmount::Full)
+            p.refundable_amount(RefundAmount::Full, 0)
                 .unwrap()
                 .minor_units(),
             10000
         );
         assert_eq!(
-            p.refundable_amount(amount(2500)).unwrap().minor_units(),
+            p.refundable_amount(amount(2500), 0).unwrap().minor_units(),
             2500
         );
         assert_eq!(
-            p.refundable_amount(amount(10000)).unwrap().minor_units(),
+            p.refundable_amount(amount(10000), 0).unwrap().minor_units(),
             10000
         );
-        let err = p.refundable_amount(amount(10001)).unwrap_err();
+        let err = p.refundable_amount(amount(10001), 0).unwrap_err();
         assert!(matches!(err, PaymentError::InvalidRequest(_)), "{err}");
+    }
+
+    #[test]
+    fn refunds_in_parts_never_exceed_the_payment_and_say_what_is_left() {
+        let id = PaymentId::parse("payment-001").unwrap();
+        let mut p = completed(10000);
+        let amount = |n| RefundAmount::Partial(Amount::new(n).unwrap());
+        let first = p.refundable_amount(amount(3000), 0).unwrap();
+        let r1 = p
+            .add_keyed_refund(&id, "a".into(), first, "part".into())
+            .unwrap();
+        assert_eq!(r1.gateway_key.as_deref(), Some("refund:payment-001:r1"));
+        assert_eq!(p.keyed_refund("a"), Some(&r1));
+        // Pending, it holds its amount: with the payment's one refund pending for 2000 besides,
+        // 5000 is left.
+        let err = p.refundable_amount(amount(5001), 2000).unwrap_err();
+        assert!(
+            matches!(err, PaymentError::RefundExceedsBalance { left: 5000, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("5000 of its 10000"), "{err}");
+        assert_eq!(
+            p.refundable_amount(RefundAmount::Full, 2000)
+                .unwrap()
+                .minor_units(),
+            5000
+        );
+
+        let mut made = r1.clone();
+        made.settle("re_1".into(), Timestamp::now());
+        p.put_keyed_refund(made);
+        p.mark_refunded(first);
+        assert_eq!(p.status, PaymentStatus::PartiallyRefunded);
+        assert_eq!(p.amount_refunded, 3000);
+        let rest = p.refundable_amount(RefundAmount::Full, 0).unwrap();
+        assert_eq!(rest.minor_units(), 7000);
+        let r2 = p
+            .add_keyed_refund(&id, "b".into(), rest, "rest".into())
+            .unwrap();
+        assert_eq!(r2.gateway_key.as_deref(), Some("refund:payment-001:r2"));
+        p.mark_refunded(rest);
+        assert_eq!(p.status, PaymentStatus::Refunded);
+        let err = p.refundable_amount(amount(1), 0).unwrap_err();
+        assert!(matches!(err, PaymentError::NotRefundable { .. }), "{err}");
+
+        // A refused refund is dropped; its gateway number is not used again.
+        let mut q = completed(10000);
+        q.add_keyed_refund(&id, "x".into(), first, String::new())
+            .unwrap();
+        q.drop_keyed_refund("x");
+        assert!(q.keyed_refund("x").is_none());
+        let again = q
+            .add_keyed_refund(&id, "x".into(), first, String::new())
+            .unwrap();
+        assert_eq!(again.gateway_key.as_deref(), Some("refund:payment-001:r2"));
+    }
+
+    #[test]
+    fn a_payment_has_at_most_max_keyed_refunds() {
+        let id = PaymentId::parse("payment-001").unwrap();
+        let mut p = completed(10000);
+        let one = Amount::new(1).unwrap();
+        for i in 0..MAX_KEYED_REFUNDS {
+            p.add_keyed_refund(&id, format!("k{i}"), one, String::new())
+                .unwrap();
+        }
+        let err = p
+            .add_keyed_refund(&id, "one-more".into(), one, String::new())
+            .unwrap_err();
+        assert!(matches!(err, PaymentError::TooManyRefunds { .. }), "{err}");
     }
 
     #[test]

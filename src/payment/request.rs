@@ -16,6 +16,8 @@ pub const MAX_DESCRIPTION_CHARS: usize = 1000;
 pub const MAX_CUSTOMER_ID_CHARS: usize = 255;
 /// Longest refund `reason` accepted, in characters.
 pub const MAX_REASON_CHARS: usize = 1000;
+/// Longest `refundKey` accepted, in characters.
+pub const MAX_REFUND_KEY_CHARS: usize = 100;
 
 /// A valid request to create (and charge) a payment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +74,8 @@ pub enum RefundAmount {
 pub struct RefundRequest {
     pub reason: String,
     pub amount: RefundAmount,
+    /// The client's key of a refund of its own; none for the payment's one refund (the seed's).
+    pub refund_key: Option<String>,
 }
 
 impl RefundRequest {
@@ -86,9 +90,18 @@ impl RefundRequest {
                 units => RefundAmount::Partial(Amount::new(units)?),
             },
         };
+        let refund_key = optional_string(&fields, "refundKey", MAX_REFUND_KEY_CHARS)?;
+        if let Some(key) = &refund_key
+            && (key.is_empty() || !key.chars().all(is_refund_key_char))
+        {
+            return Err(PaymentError::invalid(format!(
+                "refundKey must be 1 to {MAX_REFUND_KEY_CHARS} characters of A-Z, a-z, 0-9 and . _ : -"
+            )));
+        }
         Ok(Self {
             reason: optional_string(&fields, "reason", MAX_REASON_CHARS)?.unwrap_or_default(),
             amount,
+            refund_key,
         })
     }
 }
@@ -125,9 +138,24 @@ pub struct RefundPaymentBody {
     /// Free text, kept with the refund.
     #[schemars(length(max = MAX_REASON_CHARS))]
     pub reason: Option<String>,
-    /// Minor units to refund, at most the payment's amount; absent, null or 0 refunds in full.
+    /// Minor units to refund, at most what is left of the payment; absent, null or 0 refunds
+    /// all that is left.
     #[schemars(range(max = super::MAX_AMOUNT))]
     pub amount: Option<u64>,
+    /// The client's key of a refund of its own, for refunds in several parts: the same key
+    /// answers the same refund, a new key makes a new one, and their total never exceeds the
+    /// payment. Absent or null: the payment's one refund, which every repeat answers.
+    #[schemars(length(min = 1, max = MAX_REFUND_KEY_CHARS), regex(pattern = REFUND_KEY))]
+    pub refund_key: Option<String>,
+}
+
+/// A refund key's characters: [`is_refund_key_char`], as the schema states it.
+const REFUND_KEY: &str = "^[A-Za-z0-9._:-]*$";
+
+/// What a refund key may hold: enough for a UUID or an order number, nothing a log or a
+/// gateway key could misread.
+fn is_refund_key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
 }
 
 /// A currency code as the schema states it: [`Currency::parse`]'s rule, or empty for USD.
@@ -421,8 +449,23 @@ mod tests {
             RefundRequest {
                 reason: "Customer request".into(),
                 amount: RefundAmount::Partial(Amount::new(2500).unwrap()),
+                refund_key: None,
             }
         );
+        assert_eq!(
+            parse(r#"{"refundKey": "return-1.a_b:C"}"#)
+                .unwrap()
+                .refund_key
+                .as_deref(),
+            Some("return-1.a_b:C")
+        );
+        for bad in [r#""""#, r#""a b""#, r#""é""#, r#""a\nb""#, "1"] {
+            let body = format!(r#"{{"refundKey": {bad}}}"#);
+            assert!(message(parse(&body)).contains("refundKey"), "{body}");
+        }
+        let longest = "k".repeat(MAX_REFUND_KEY_CHARS);
+        assert!(parse(&format!(r#"{{"refundKey": "{longest}"}}"#)).is_ok());
+        assert!(parse(&format!(r#"{{"refundKey": "{longest}k"}}"#)).is_err());
         assert!(message(parse(r#"{"amount": -1}"#)).contains("positive"));
         assert!(message(parse(r#"{"amount": 1.5}"#)).contains("whole number"));
         assert!(message(parse(r#"{"reason": 3}"#)).contains("reason"));

@@ -165,6 +165,14 @@ impl PaymentId {
         }
     }
 
+    /// The gateway idempotency key of this payment's `n`th refund made with a client's refund
+    /// key (`RefundPayment` with `refundKey`). Numbered, not named after the client's key: a
+    /// refund the gateway refused, or had no record of once the key expired, is tried again
+    /// under the next number, and the number is stored before the call.
+    pub fn keyed_refund_key(&self, n: u32) -> String {
+        format!("refund:{}:r{n}", self.0)
+    }
+
     /// The gateway idempotency key of the refund that voids a cancelled payment's charge.
     pub fn void_refund_key(&self) -> String {
         format!("void:{}", self.0)

@@ -67,7 +67,10 @@ impl From<PaymentError> for TerminalError {
             // The IETF Idempotency-Key draft's code for a key reused with another payload (its
             // 409 means "the first request is still running", which Restate's queue absorbs).
             PaymentError::Conflict { .. } => 422,
-            PaymentError::NotRefundable { .. } | PaymentError::RefundRejected { .. } => 409,
+            PaymentError::NotRefundable { .. }
+            | PaymentError::RefundRejected { .. }
+            | PaymentError::RefundExceedsBalance { .. }
+            | PaymentError::TooManyRefunds { .. } => 409,
             // Terminal all the same: a retry would decode the same bytes, forever, holding the
             // payment's lock.
             PaymentError::CorruptState { .. } => 500,
@@ -127,7 +130,26 @@ impl PaymentService {
         }
         let result = match ctx.get(STATE_PAYMENT).await {
             Ok(stored) => match decode::<Payment>(ctx.key(), STATE_PAYMENT, stored) {
-                Ok(Some(payment)) => Ok(Json(payment)),
+                // Never charged: no refund to list.
+                Ok(Some(payment))
+                    if matches!(
+                        payment.status,
+                        PaymentStatus::Pending | PaymentStatus::Failed
+                    ) =>
+                {
+                    Ok(Json(payment))
+                }
+                // Its refunds listed, the payment's one (or a cancel's) first.
+                Ok(Some(mut payment)) => match ctx.get(STATE_REFUND).await {
+                    Ok(refund) => match decode::<Refund>(ctx.key(), STATE_REFUND, refund) {
+                        Ok(refund) => {
+                            payment.refunds.splice(0..0, refund);
+                            Ok(Json(payment))
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                    Err(e) => Err(e),
+                },
                 Ok(None) => Err(PaymentError::NotFound {
                     payment_id: ctx.key().to_owned(),
                 }
@@ -435,26 +457,13 @@ impl PaymentService {
     ) -> Result<Refund, TerminalError> {
         let request = RefundRequest::parse(body.as_bytes())?;
         let stored = decode::<Refund>(ctx.key(), STATE_REFUND, ctx.get(STATE_REFUND).await?)?;
-        match &stored {
-            Some(refund) if refund.status == RefundStatus::Completed => {
-                info!(
-                    payment_id = ctx.key(),
-                    refund_id = refund.refund_id.as_deref(),
-                    "refund already processed"
-                );
-                return Ok(refund.clone());
-            }
-            Some(refund) if refund.is_settling() => {
-                info!(
-                    payment_id = ctx.key(),
-                    attempts = refund.attempts,
-                    "refund pending, being settled"
-                );
-                return Ok(refund.clone());
-            }
-            _ => {}
+        // The seed's path: the payment's one refund answers every repeat, whatever it asks.
+        if request.refund_key.is_none()
+            && let Some(answer) = settled_or_settling(ctx.key(), stored.as_ref())
+        {
+            return Ok(answer);
         }
-        let Some(payment) =
+        let Some(mut payment) =
             decode::<Payment>(ctx.key(), STATE_PAYMENT, ctx.get(STATE_PAYMENT).await?)?
         else {
             return Err(PaymentError::NotFound {
@@ -463,21 +472,48 @@ impl PaymentService {
             .into());
         };
         let id = PaymentId::parse(&payment.payment_id)?;
-        let refund = match stored {
-            // Cut off before its outcome was stored: it resumes as first requested.
-            Some(refund) => {
-                warn!(payment_id = %id, amount = %refund.amount, "resuming a pending refund");
-                refund
-            }
+        let (refund, slot) = match request.refund_key {
             None => {
-                let amount = payment.refundable_amount(request.amount)?;
-                debug!(payment_id = %id, %amount, reason = %request.reason.escape_debug(), "refunding payment");
-                let refund = Refund::pending(amount, request.reason);
-                ctx.set(STATE_REFUND, Json(refund.clone()));
-                refund
+                let refund = match stored {
+                    // Cut off before its outcome was stored: it resumes as first requested.
+                    Some(refund) => {
+                        warn!(payment_id = %id, amount = %refund.amount, "resuming a pending refund");
+                        refund
+                    }
+                    None => {
+                        let amount = payment.refundable_amount(request.amount, 0)?;
+                        debug!(payment_id = %id, %amount, reason = %request.reason.escape_debug(), "refunding payment");
+                        let refund = Refund::pending(amount, request.reason);
+                        ctx.set(STATE_REFUND, Json(refund.clone()));
+                        refund
+                    }
+                };
+                (refund, RefundSlot::One)
             }
+            Some(key) => match payment.keyed_refund(&key) {
+                Some(existing) => {
+                    if let Some(answer) = settled_or_settling(id.as_str(), Some(existing)) {
+                        return Ok(answer);
+                    }
+                    warn!(payment_id = %id, refund_key = %key, amount = %existing.amount, "resuming a pending refund");
+                    (existing.clone(), RefundSlot::Keyed(key))
+                }
+                None => {
+                    // The payment's one refund, while pending, holds its amount too.
+                    let pending = stored
+                        .filter(|r| r.status == RefundStatus::Pending)
+                        .map_or(0, |r| r.amount.minor_units());
+                    let amount = payment.refundable_amount(request.amount, pending)?;
+                    debug!(payment_id = %id, refund_key = %key, %amount, reason = %request.reason.escape_debug(), "refunding payment in part");
+                    let refund =
+                        payment.add_keyed_refund(&id, key.clone(), amount, request.reason)?;
+                    ctx.set(STATE_PAYMENT, Json(payment.clone()));
+                    (refund, RefundSlot::Keyed(key))
+                }
+            },
         };
-        self.refund_and_store(ctx, &id, payment, refund, 0).await
+        self.refund_and_store(ctx, &id, payment, refund, slot, 0)
+            .await
     }
 
     /// One refund step and what follows from it. A cancellation does not undo a refund (the
@@ -488,6 +524,7 @@ impl PaymentService {
         id: &PaymentId,
         mut payment: Payment,
         mut refund: Refund,
+        slot: RefundSlot,
         round: u32,
     ) -> Result<Refund, TerminalError> {
         let step = match self.refund_step(ctx, id, &payment, &refund).await {
@@ -495,7 +532,7 @@ impl PaymentService {
             Err(e) if is_cancel(&e) => {
                 warn!(payment_id = %id, "cancelled during the refund: it is settled later with its key");
                 refund.attempts = refund.attempts.max(1);
-                ctx.set(STATE_REFUND, Json(refund));
+                slot.store(ctx, &mut payment, &refund);
                 self.schedule(ctx, id, round);
                 return Err(e);
             }
@@ -505,21 +542,29 @@ impl PaymentService {
         match step.result {
             RefundOutcome::Refunded { refund_id, at } => {
                 refund.settle(refund_id, at);
-                ctx.set(STATE_REFUND, Json(refund.clone()));
-                payment.mark_refunded();
-                ctx.set(STATE_PAYMENT, Json(payment));
+                payment.mark_refunded(refund.amount);
+                slot.put(ctx, &mut payment, &refund);
                 info!(
                     payment_id = %id,
                     amount = %refund.amount,
+                    amount_refunded = payment.amount_refunded,
+                    status = %payment.status,
                     reason = %refund.reason.escape_debug(),
                     refund_id = refund.refund_id.as_deref(),
                     "refund completed"
                 );
+                ctx.set(STATE_PAYMENT, Json(payment));
                 Ok(refund)
             }
             RefundOutcome::Rejected { reason } => {
-                ctx.clear(STATE_REFUND);
-                payment.spend_refund_key();
+                match &slot {
+                    RefundSlot::One => {
+                        ctx.clear(STATE_REFUND);
+                        payment.spend_refund_key();
+                    }
+                    // Its gateway number is spent with it: a new request makes a new one.
+                    RefundSlot::Keyed(key) => payment.drop_keyed_refund(key),
+                }
                 ctx.set(STATE_PAYMENT, Json(payment));
                 Err(PaymentError::RefundRejected {
                     payment_id: id.as_str().to_owned(),
@@ -531,16 +576,21 @@ impl PaymentService {
             // new key.
             RefundOutcome::NotRefunded => {
                 warn!(payment_id = %id, "no refund under the expired key: trying a new one");
-                payment.spend_refund_key();
-                ctx.set(STATE_PAYMENT, Json(payment));
+                match &slot {
+                    RefundSlot::One => payment.spend_refund_key(),
+                    RefundSlot::Keyed(_) => {
+                        refund.gateway_key = Some(payment.next_refund_gateway_key(id));
+                    }
+                }
                 refund.requested_at = None;
-                ctx.set(STATE_REFUND, Json(refund.clone()));
+                slot.put(ctx, &mut payment, &refund);
+                ctx.set(STATE_PAYMENT, Json(payment));
                 self.schedule(ctx, id, round);
                 Ok(refund)
             }
             RefundOutcome::Unknown { reason, attempts } => {
                 refund.unknown(reason, attempts);
-                ctx.set(STATE_REFUND, Json(refund.clone()));
+                slot.store(ctx, &mut payment, &refund);
                 warn!(payment_id = %id, attempts = refund.attempts, last_error = refund.last_error.as_deref(), "refund outcome unknown: pending, settled later");
                 self.schedule(ctx, id, round);
                 Ok(refund)
@@ -557,7 +607,11 @@ impl PaymentService {
         refund: &Refund,
     ) -> Result<RefundStep, TerminalError> {
         let call = GatewayRefund {
-            idempotency_key: id.refund_key(payment.spent_refund_keys),
+            // Stored with a refund made with a refund key; the payment's one refund derives it.
+            idempotency_key: match &refund.gateway_key {
+                Some(key) => key.clone(),
+                None => id.refund_key(payment.spent_refund_keys),
+            },
             payment_id: id.as_str().to_owned(),
             charge_id: payment.charge_id.clone().unwrap_or_default(),
             amount: refund.amount.minor_units(),
@@ -635,14 +689,28 @@ impl PaymentService {
                 .map(drop);
         }
         let refund = decode::<Refund>(ctx.key(), STATE_REFUND, ctx.get(STATE_REFUND).await?)?;
-        match refund {
-            Some(refund) if refund.status == RefundStatus::Pending => {
-                info!(payment_id = %id, round, "settling the refund");
-                self.refund_and_store(ctx, &id, payment, refund, next)
+        if let Some(refund) = refund.filter(|r| r.status == RefundStatus::Pending) {
+            info!(payment_id = %id, round, "settling the refund");
+            return self
+                .refund_and_store(ctx, &id, payment, refund, RefundSlot::One, next)
+                .await
+                .map(drop);
+        }
+        // One a round; each pending refund scheduled a round of its own.
+        let keyed = payment
+            .refunds
+            .iter()
+            .find(|r| r.status == RefundStatus::Pending)
+            .cloned();
+        match keyed {
+            Some(refund) => {
+                let key = refund.refund_key.clone().unwrap_or_default();
+                info!(payment_id = %id, round, refund_key = %key, "settling the refund");
+                self.refund_and_store(ctx, &id, payment, refund, RefundSlot::Keyed(key), next)
                     .await
                     .map(drop)
             }
-            _ => {
+            None => {
                 debug!(payment_id = %id, status = %payment.status, "nothing left to settle");
                 Ok(())
             }
@@ -723,6 +791,55 @@ fn decode<T: serde::de::DeserializeOwned>(
             key,
             problem: e.to_string(),
         })
+}
+
+/// Where a refund is stored: the payment's one refund under state key `refund` (the seed's), or
+/// one made with a refund key, in the payment (by its key).
+enum RefundSlot {
+    One,
+    Keyed(String),
+}
+
+impl RefundSlot {
+    /// Puts `refund` where it belongs: written under `refund`, or into `payment`, which the
+    /// caller writes.
+    fn put(&self, ctx: &mut ObjectContext<'_>, payment: &mut Payment, refund: &Refund) {
+        match self {
+            Self::One => ctx.set(STATE_REFUND, Json(refund.clone())),
+            Self::Keyed(_) => payment.put_keyed_refund(refund.clone()),
+        }
+    }
+
+    /// Writes `refund` where it belongs, and nothing else.
+    fn store(&self, ctx: &mut ObjectContext<'_>, payment: &mut Payment, refund: &Refund) {
+        self.put(ctx, payment, refund);
+        if let Self::Keyed(_) = self {
+            ctx.set(STATE_PAYMENT, Json(payment.clone()));
+        }
+    }
+}
+
+/// The answer to a repeated refund request, when its refund needs nothing from this
+/// invocation: made, or pending with `Settle` on it.
+fn settled_or_settling(payment_id: &str, refund: Option<&Refund>) -> Option<Refund> {
+    let refund = refund?;
+    if refund.status == RefundStatus::Completed {
+        info!(
+            payment_id,
+            refund_id = refund.refund_id.as_deref(),
+            "refund already processed"
+        );
+        return Some(refund.clone());
+    }
+    if refund.is_settling() {
+        info!(
+            payment_id,
+            attempts = refund.attempts,
+            "refund pending, being settled"
+        );
+        return Some(refund.clone());
+    }
+    None
 }
 
 /// Logs a refused request once, with its status code, so a 4xx is never silent.

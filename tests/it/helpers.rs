@@ -16,7 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use payment_service::gateway::MockConfig;
 use payment_service::payment::{
-    CreatePaymentBody, Payment, PaymentResult, PaymentStatus, Refund, RefundPaymentBody, Timestamp,
+    CreatePaymentBody, Payment, PaymentResult, PaymentStatus, Refund, RefundPaymentBody,
+    RefundStatus, Timestamp,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -279,11 +280,19 @@ impl TestApp {
         self.payment(id)
     }
 
-    /// Waits until the payment is `refunded` (its refund settled, by itself if need be).
+    /// Waits until the payment is `refunded` or `partially_refunded` with no refund pending
+    /// (its refunds settled, by the service itself if need be).
     #[track_caller]
     pub fn wait_refunded(&self, id: &str) {
-        wait_until(SETTLE_TIMEOUT, "the refund to settle", || {
-            Ok(self.payment(id).status == PaymentStatus::Refunded)
+        wait_until(SETTLE_TIMEOUT, "the refunds to settle", || {
+            let payment = self.payment(id);
+            Ok(matches!(
+                payment.status,
+                PaymentStatus::Refunded | PaymentStatus::PartiallyRefunded
+            ) && payment
+                .refunds
+                .iter()
+                .all(|r| r.status == RefundStatus::Completed))
         })
         .unwrap();
     }
@@ -351,6 +360,15 @@ pub fn refund_body(reason: &str, amount: Option<u64>) -> RefundPaymentBody {
     RefundPaymentBody {
         reason: Some(reason.into()),
         amount,
+        refund_key: None,
+    }
+}
+
+/// A refund of its own, under the client's refund key `key`.
+pub fn keyed_refund_body(key: &str, reason: &str, amount: Option<u64>) -> RefundPaymentBody {
+    RefundPaymentBody {
+        refund_key: Some(key.into()),
+        ..refund_body(reason, amount)
     }
 }
 

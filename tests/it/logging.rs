@@ -108,7 +108,7 @@ fn no_input_forges_a_log_line() {
     );
     let refund = payment_service::payment::RefundPaymentBody {
         reason: Some(format!("changed mind\n{FORGED}")),
-        amount: None,
+        ..Default::default()
     };
     ok("RefundPayment", app.refund(&id, &refund));
     // A key with a line break in it is refused (404) and logged.

@@ -14,6 +14,7 @@ mod helpers;
 mod limits;
 mod logging;
 mod mock_gateway;
+mod refunds;
 mod schema;
 mod signing;
 mod stripe_conformance;

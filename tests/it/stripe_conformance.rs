@@ -242,8 +242,8 @@ fn the_service_charges_and_refunds_through_stripe() {
     assert_eq!(listed[0]["amount"], 4200);
 
     let body = RefundPaymentBody {
-        reason: None,
         amount: Some(1000),
+        ..Default::default()
     };
     let refund = match app.refund(&id, &body) {
         Answer::Ok(refund) => refund,

@@ -132,12 +132,14 @@ fn seed_readme_walkthrough() {
         "{refund:?}"
     );
 
-    // Only the status changes.
+    // Only the status changes, and the refunded amount, with the refund listed.
     let refunded = app.payment(&id);
     assert_eq!(
         refunded,
         Payment {
             status: PaymentStatus::Refunded,
+            amount_refunded: 10000,
+            refunds: vec![refund.clone()],
             ..payment
         }
     );
@@ -360,7 +362,7 @@ fn partial_refund_then_larger_request_returns_the_first_refund() {
         "{partial:?}"
     );
 
-    assert_eq!(app.payment(&id).status, PaymentStatus::Refunded);
+    assert_eq!(app.payment(&id).status, PaymentStatus::PartiallyRefunded);
 
     for body in [
         refund_body("The rest", Some(10000)),
@@ -402,8 +404,16 @@ fn state_keys_hold_readable_json() {
         "RefundPayment",
         app.refund(&id, &refund_body("State check", Some(1000))),
     );
-    let payment = app.payment(&id);
-    assert_eq!(payment.status, PaymentStatus::Refunded, "{payment:?}");
+    let mut payment = app.payment(&id);
+    assert_eq!(
+        payment.status,
+        PaymentStatus::PartiallyRefunded,
+        "{payment:?}"
+    );
+    assert_eq!(payment.amount_refunded, 1000, "{payment:?}");
+    // GetPayment lists the payment's one refund; state key `payment` does not hold it.
+    assert_eq!(payment.refunds, std::slice::from_ref(&refund));
+    payment.refunds.clear();
     assert_eq!(
         state_of::<Payment>(app, &id, "payment"),
         Some(payment),

@@ -624,7 +624,7 @@ impl PaymentAudit<'_> {
         match end.status {
             PaymentStatus::Completed => f.completed += 1,
             PaymentStatus::Failed => f.failed += 1,
-            PaymentStatus::Refunded => f.refunded += 1,
+            PaymentStatus::Refunded | PaymentStatus::PartiallyRefunded => f.refunded += 1,
             PaymentStatus::Pending | PaymentStatus::Canceled => f.other_status += 1,
         }
         // Unknown at some point, and settled by the service itself (a pending one is a
@@ -665,18 +665,29 @@ impl PaymentAudit<'_> {
         }
         let charged = &self.gw.charge_id;
         match end.status {
-            PaymentStatus::Completed | PaymentStatus::Refunded if charged.is_none() => {
+            PaymentStatus::Completed
+            | PaymentStatus::Refunded
+            | PaymentStatus::PartiallyRefunded
+                if charged.is_none() =>
+            {
                 f.violation(id, Kind::SettledWithoutCharge { status: end.status })
             }
-            PaymentStatus::Completed | PaymentStatus::Refunded if &end.charge_id != charged => f
-                .violation(
+            PaymentStatus::Completed
+            | PaymentStatus::Refunded
+            | PaymentStatus::PartiallyRefunded
+                if &end.charge_id != charged =>
+            {
+                f.violation(
                     id,
                     Kind::ChargeIdMismatch {
                         state: end.charge_id.clone(),
                         gateway: charged.clone(),
                     },
-                ),
-            PaymentStatus::Completed | PaymentStatus::Refunded => {}
+                )
+            }
+            PaymentStatus::Completed
+            | PaymentStatus::Refunded
+            | PaymentStatus::PartiallyRefunded => {}
             PaymentStatus::Failed => {
                 if let Some(charge_id) = charged {
                     f.violation(
@@ -727,8 +738,10 @@ impl PaymentAudit<'_> {
         let id = self.plan.id.as_str();
         // A canceled payment whose charge had gone through is refunded in full.
         let canceled = end.status == PaymentStatus::Canceled;
-        let refunded =
-            end.status == PaymentStatus::Refunded || (canceled && end.charge_id.is_some());
+        let refunded = matches!(
+            end.status,
+            PaymentStatus::Refunded | PaymentStatus::PartiallyRefunded
+        ) || (canceled && end.charge_id.is_some());
         if let Some(r) = self.gw.refund.filter(|_| self.gw.void_refund && !canceled) {
             f.violation(
                 id,
@@ -771,7 +784,7 @@ impl PaymentAudit<'_> {
         let id = self.plan.id.as_str();
         // A refunded payment was completed when its creates were answered.
         let told_status = match end.status {
-            PaymentStatus::Refunded => PaymentStatus::Completed,
+            PaymentStatus::Refunded | PaymentStatus::PartiallyRefunded => PaymentStatus::Completed,
             status => status,
         };
         let mut fresh = 0;

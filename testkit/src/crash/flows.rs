@@ -95,6 +95,7 @@ async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
             let body = RefundPaymentBody {
                 reason: Some("crash test refund".into()),
                 amount,
+                refund_key: None,
             };
             tokio::spawn(async move { (amount, client.call(at, &id, REFUND, &body).await) })
         });
