@@ -26,6 +26,8 @@ pub struct PaymentLog {
     pub creates: Vec<Reply<PaymentResult>>,
     /// (amount asked, answer)
     pub refunds: Vec<(Option<u64>, Reply<Refund>)>,
+    /// (refund key, answer) of the refunds in parts.
+    pub keyed_refunds: Vec<(String, Reply<Refund>)>,
     /// GetPayment right after the CreatePayment answers.
     pub get: Option<Reply<Payment>>,
 }
@@ -159,6 +161,12 @@ pub enum Kind {
     StoredRefundButNotRefunded {
         status: PaymentStatus,
     },
+    /// The payment's refunded total (or its status) is not what the gateway's refunds add up to.
+    RefundedTotalMismatch {
+        status: PaymentStatus,
+        state: u64,
+        gateway: u64,
+    },
     /// A CreatePayment client was told another outcome than the end state's.
     CreateToldOtherwise {
         told: String,
@@ -226,6 +234,7 @@ impl Kind {
         match self {
             Kind::ChargedTwice { .. } => "charged-twice",
             Kind::RefundedTwice { .. } => "refunded-twice",
+            Kind::RefundedTotalMismatch { .. } => "refunded-total-mismatch",
             Kind::DecidedTwice { .. } => "decided-twice",
             Kind::UnexpectedLedgerLine { .. } => "unexpected-ledger-line",
             Kind::ChargedOtherAmount { .. } => "charged-other-amount",
@@ -368,6 +377,8 @@ struct GatewayView<'a> {
     refund: Option<&'a LedgerEntry>,
     /// `refund` is the one that voids a cancelled payment's charge (key `void:<id>`).
     void_refund: bool,
+    /// The refunds made with refund keys (gateway keys `refund:<id>:r<n>`), in ledger order.
+    keyed: Vec<&'a LedgerEntry>,
 }
 
 impl<'a> GatewayView<'a> {
@@ -383,7 +394,11 @@ impl<'a> GatewayView<'a> {
         };
         let charged = acted(LedgerOp::Charge, LedgerOutcome::Succeeded);
         let declined = acted(LedgerOp::Charge, LedgerOutcome::Declined);
-        let refunded = acted(LedgerOp::Refund, LedgerOutcome::Succeeded);
+        let keyed_prefix = format!("refund:{id}:r");
+        let (keyed, refunded): (Vec<&LedgerEntry>, Vec<&LedgerEntry>) =
+            acted(LedgerOp::Refund, LedgerOutcome::Succeeded)
+                .into_iter()
+                .partition(|e| e.idempotency_key.starts_with(&keyed_prefix));
         let ids = |lines: &[&LedgerEntry]| lines.iter().filter_map(|e| e.id.clone()).collect();
         for e in lines {
             if e.op == LedgerOp::Refund && e.outcome == LedgerOutcome::Declined {
@@ -407,13 +422,30 @@ impl<'a> GatewayView<'a> {
                 },
             );
         }
-        if refunded.len() > 1 {
+        let mut keys: Vec<&str> = keyed.iter().map(|e| e.idempotency_key.as_str()).collect();
+        keys.sort_unstable();
+        let key_twice = keys.windows(2).any(|w| w[0] == w[1]);
+        if refunded.len() > 1 || key_twice {
             f.violation(
                 id,
                 Kind::RefundedTwice {
-                    refund_ids: ids(&refunded),
+                    refund_ids: ids(&refunded).into_iter().chain(ids(&keyed)).collect(),
                 },
             );
+        }
+        // Refunds in parts, each under its own key, never above the charge together.
+        let total: u64 = refunded.iter().chain(&keyed).map(|e| e.amount).sum();
+        if !keyed.is_empty() && total > plan.amount {
+            f.violation(
+                id,
+                Kind::RefundAboveCharge {
+                    refunded: total,
+                    charged: plan.amount,
+                },
+            );
+        }
+        if let Some(r) = keyed.first().filter(|_| charged.is_empty()) {
+            f.violation(id, Kind::RefundWithoutCharge { line: show(r) });
         }
         if declined.len() > 1 || (!declined.is_empty() && !charged.is_empty()) {
             f.violation(
@@ -473,6 +505,7 @@ impl<'a> GatewayView<'a> {
             refused,
             refund,
             void_refund,
+            keyed,
         }
     }
 }
@@ -581,6 +614,12 @@ fn audit_invocations(plans: &[PaymentPlan], end: &EndState, f: &mut Findings) {
             },
         );
     }
+    // Refunds in parts may ask for more than is left: a 409 for some of them is expected.
+    let in_parts: BTreeSet<&str> = plans
+        .iter()
+        .filter(|p| !p.keyed_refunds.is_empty())
+        .map(|p| p.id.as_str())
+        .collect();
     let failed_payments: BTreeSet<&str> = plans
         .iter()
         .zip(&end.finals)
@@ -596,7 +635,7 @@ fn audit_invocations(plans: &[PaymentPlan], end: &EndState, f: &mut Findings) {
             f.probe_404s += 1;
         } else if inv.target_handler_name == REFUND
             && failure.starts_with("[409]")
-            && failed_payments.contains(key)
+            && (failed_payments.contains(key) || in_parts.contains(key))
         {
             f.expected_409s += 1;
         } else {
@@ -646,9 +685,22 @@ impl PaymentAudit<'_> {
             }
         }
         self.check_state(end, f);
-        self.check_refund(end, f);
+        // A payment with refunds in parts has no refund of the other kind, but a void's.
+        if self.plan.keyed_refunds.is_empty() || end.status == PaymentStatus::Canceled {
+            self.check_refund(end, f);
+        } else if let Some(r) = self.gw.refund {
+            f.violation(
+                &self.plan.id,
+                Kind::LedgerRefundButNotRefunded {
+                    status: end.status,
+                    line: show(r),
+                },
+            );
+        }
+        self.check_keyed_refunds(end, f);
         self.check_creates(end, f);
         self.check_refund_clients(end, f);
+        self.check_keyed_refund_clients(end, f);
         self.check_get(end, f);
     }
 
@@ -776,6 +828,132 @@ impl PaymentAudit<'_> {
                 f.violation(id, Kind::StoredRefundButNotRefunded { status: end.status })
             }
             (false, None, None) => {}
+        }
+    }
+
+    /// The refunds in parts: each stored one settled and made once by the gateway under its
+    /// key, each the gateway made stored, and the total and the status what they add up to.
+    fn check_keyed_refunds(&self, end: &Payment, f: &mut Findings) {
+        let id = self.plan.id.as_str();
+        let stored: Vec<&Refund> = end
+            .refunds
+            .iter()
+            .filter(|r| r.refund_key.is_some())
+            .collect();
+        for r in &stored {
+            if r.status == RefundStatus::Pending {
+                f.violation(
+                    id,
+                    Kind::RefundUnsettled {
+                        refund: format!("{r:?}"),
+                    },
+                );
+                continue;
+            }
+            if r.attempts > 0 {
+                f.settled_unknown_refunds += 1;
+            }
+            let made = self
+                .gw
+                .keyed
+                .iter()
+                .find(|e| r.gateway_key.as_deref() == Some(e.idempotency_key.as_str()));
+            match made {
+                None => f.violation(id, Kind::RefundedWithoutLedgerRefund),
+                Some(e)
+                    if e.id.as_deref() == r.refund_id.as_deref()
+                        && e.amount == r.amount.minor_units() => {}
+                Some(e) => f.violation(
+                    id,
+                    Kind::StoredRefundMismatch {
+                        stored: refund_of(r),
+                        gateway: show(e),
+                    },
+                ),
+            }
+        }
+        for e in &self.gw.keyed {
+            if !stored
+                .iter()
+                .any(|r| r.gateway_key.as_deref() == Some(e.idempotency_key.as_str()))
+            {
+                f.violation(
+                    id,
+                    Kind::LedgerRefundButNotRefunded {
+                        status: end.status,
+                        line: show(e),
+                    },
+                );
+            }
+        }
+        if self.plan.keyed_refunds.is_empty() {
+            return;
+        }
+        let made: u64 = self.gw.keyed.iter().map(|e| e.amount).sum();
+        let status_agrees = match end.status {
+            PaymentStatus::Completed => made == 0,
+            PaymentStatus::PartiallyRefunded => made > 0 && made < self.plan.amount,
+            PaymentStatus::Refunded => made == self.plan.amount,
+            _ => made == 0,
+        };
+        if end.amount_refunded != made || !status_agrees {
+            f.violation(
+                id,
+                Kind::RefundedTotalMismatch {
+                    status: end.status,
+                    state: end.amount_refunded,
+                    gateway: made,
+                },
+            );
+        }
+    }
+
+    /// What the clients of the refunds in parts were told: the stored refund of their key
+    /// (pending, if not known yet), or a 409 (more than is left, or not refundable) and then
+    /// no refund under their key.
+    fn check_keyed_refund_clients(&self, end: &Payment, f: &mut Findings) {
+        let id = self.plan.id.as_str();
+        for (key, answer) in &self.log.keyed_refunds {
+            let stored = end
+                .refunds
+                .iter()
+                .find(|r| r.refund_key.as_deref() == Some(key.as_str()));
+            match answer {
+                Ok(Answer::Ok(a))
+                    if a.status == RefundStatus::Pending
+                        && a.refund_id.is_none()
+                        && stored.is_some_and(|s| s.amount == a.amount) =>
+                {
+                    f.pending_answers += 1;
+                }
+                Ok(Answer::Ok(a)) if stored == Some(a) => {}
+                Ok(Answer::Ok(a)) => f.violation(
+                    id,
+                    Kind::RefundToldOtherwise {
+                        asked: None,
+                        told: refund_of(a),
+                        gateway: format!("the refunds of key {key:?}"),
+                        stored: stored.map_or("nothing".into(), refund_of),
+                    },
+                ),
+                Ok(Answer::Refused(r)) if r.status == 409 && stored.is_none() => {}
+                Ok(Answer::Refused(r)) => f.violation(
+                    id,
+                    Kind::RefundRefused {
+                        asked: None,
+                        status: r.status,
+                        message: r.message.clone(),
+                        payment: end.status,
+                    },
+                ),
+                Err(e) => f.violation(
+                    id,
+                    Kind::Unanswered {
+                        handler: "RefundPayment",
+                        last: e.to_string(),
+                    },
+                ),
+            }
         }
     }
 

@@ -76,7 +76,8 @@ async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
         .creates
         .iter()
         .any(|a| matches!(a, Ok(Answer::Ok(r)) if r.status != PaymentStatus::Pending));
-    if !plan.refunds.is_empty() && !settled {
+    let refunds_planned = plan.refund_calls() > 0;
+    if refunds_planned && !settled {
         let at = plan.ingress(plan.creates);
         let deadline = Instant::now() + SETTLE_WAIT;
         loop {
@@ -87,8 +88,10 @@ async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
             }
         }
     }
-    if !plan.refunds.is_empty() {
+    if refunds_planned {
         tokio::time::sleep(plan.refund_pause).await;
+    }
+    if !plan.refunds.is_empty() {
         let refunds = plan.refunds.iter().enumerate().map(|(k, &amount)| {
             let (client, id) = (client.clone(), plan.id.clone());
             let at = plan.ingress(plan.creates + k);
@@ -101,7 +104,25 @@ async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
         });
         log.refunds = join(refunds).await;
     }
-    let at = plan.ingress(plan.creates + plan.refunds.len());
+    if !plan.keyed_refunds.is_empty() {
+        let copies = plan
+            .keyed_refunds
+            .iter()
+            .flat_map(|k| std::iter::repeat_n(k, k.copies));
+        let keyed = copies.enumerate().map(|(k, part)| {
+            let (client, id) = (client.clone(), plan.id.clone());
+            let at = plan.ingress(plan.creates + plan.refunds.len() + k);
+            let body = RefundPaymentBody {
+                reason: Some("crash test refund in parts".into()),
+                amount: part.amount,
+                refund_key: Some(part.key.clone()),
+            };
+            let key = part.key.clone();
+            tokio::spawn(async move { (key, client.call(at, &id, REFUND, &body).await) })
+        });
+        log.keyed_refunds = join(keyed).await;
+    }
+    let at = plan.ingress(plan.creates + plan.refund_calls());
     log.get = Some(get(client, &plan.id, at).await);
     log
 }

@@ -141,12 +141,30 @@ pub struct PaymentPlan {
     pub refunds: Vec<Option<u64>>,
     /// Pause between the CreatePayment answer and the refunds.
     pub refund_pause: Duration,
+    /// Refunds in parts, with refund keys, all sent at once after the pause (only for a plan
+    /// without `refunds`): together they may ask for more than the payment, and then some
+    /// are refused.
+    pub keyed_refunds: Vec<KeyedRefund>,
     /// The ingress each client call goes to first (a node index): the CreatePayment calls,
     /// then the RefundPayment calls, then the GetPayment.
     pub ingresses: Vec<usize>,
 }
 
+/// A refund with a refund key: `copies` concurrent requests with the same key and amount.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyedRefund {
+    pub key: String,
+    /// `None`: all that is left.
+    pub amount: Option<u64>,
+    pub copies: usize,
+}
+
 impl PaymentPlan {
+    /// The RefundPayment calls of this plan: the refunds, then each keyed refund's copies.
+    pub fn refund_calls(&self) -> usize {
+        self.refunds.len() + self.keyed_refunds.iter().map(|k| k.copies).sum::<usize>()
+    }
+
     /// The refund amounts this plan may legitimately end with.
     pub fn refund_amounts(&self) -> BTreeSet<u64> {
         self.refunds
@@ -192,14 +210,23 @@ pub fn payments(p: &Params) -> Vec<PaymentPlan> {
                 start,
                 refunds,
                 refund_pause: Duration::from_millis(rng.random_range(0..400)),
+                keyed_refunds: Vec::new(),
                 ingresses: Vec::new(),
             }
         })
         .collect();
+    // From an RNG of its own, so that the rest of a seed's plans is what it was before keyed
+    // refunds: about a quarter of the payments without a refund get refunds in parts.
+    let mut keyed_rng = StdRng::seed_from_u64(p.seed ^ 0x5bd1_e995_c6a4_a793);
+    for plan in &mut plans {
+        if plan.refunds.is_empty() && keyed_rng.random_bool(0.25) {
+            plan.keyed_refunds = keyed_refunds(&mut keyed_rng, plan.amount);
+        }
+    }
     // From an RNG of their own: the plans of a seed are the same on one node and on three.
     let mut ingress_rng = StdRng::seed_from_u64(p.seed ^ 0x1656_67b1_9e37_79f9);
     for plan in &mut plans {
-        let calls = plan.creates + plan.refunds.len() + 1;
+        let calls = plan.creates + plan.refund_calls() + 1;
         plan.ingresses = (0..calls)
             .map(|_| ingress_rng.random_range(0..p.nodes))
             .collect();
@@ -228,6 +255,23 @@ fn refund_amounts(rng: &mut StdRng, amount: u64) -> Vec<Option<u64>> {
         });
     }
     amounts
+}
+
+/// Two or three refunds in parts, each up to half the payment, the last sometimes of all that
+/// is left; each sent once or twice. Their total may exceed the payment.
+fn keyed_refunds(rng: &mut StdRng, amount: u64) -> Vec<KeyedRefund> {
+    let parts = rng.random_range(2..=3);
+    (0..parts)
+        .map(|k| KeyedRefund {
+            key: format!("part-{k}"),
+            amount: if k + 1 == parts && rng.random_bool(0.3) {
+                None
+            } else {
+                Some(rng.random_range(1..=(amount / 2).max(1)))
+            },
+            copies: rng.random_range(1..=2),
+        })
+        .collect()
 }
 
 /// What a kill hits.

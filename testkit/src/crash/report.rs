@@ -190,6 +190,17 @@ fn load_rows(s: &Summary<'_>) {
                 .count()
         ),
     );
+    let in_parts = plans.iter().filter(|p| !p.keyed_refunds.is_empty());
+    let parts: usize = in_parts.clone().map(|p| p.keyed_refunds.len()).sum();
+    let parts_sent: usize = s.logs.iter().map(|l| l.keyed_refunds.len()).sum();
+    row(
+        "refunds in parts",
+        format!(
+            "{parts_sent} RefundPayment calls with refund keys, {parts} refunds for {} payments \
+             (some asking more than is left)",
+            in_parts.count()
+        ),
+    );
 }
 
 fn client_rows(s: &Summary<'_>) {

@@ -21,6 +21,7 @@ const B: &str = "crash-0001";
 
 fn plan(id: &str, amount: u64, customer: &str) -> PaymentPlan {
     PaymentPlan {
+        keyed_refunds: Vec::new(),
         id: id.into(),
         amount,
         customer: customer.into(),
@@ -132,6 +133,7 @@ fn clean() -> World {
                 ))),
             ],
             refunds: vec![(None, Ok(Answer::Ok(refund("re_a", 1000))))],
+            keyed_refunds: Vec::new(),
             get: Some(Ok(Answer::Ok(completed))),
         },
         PaymentLog {
@@ -140,6 +142,7 @@ fn clean() -> World {
                 Ok(Answer::Ok(result(B, "failed", None, MSG_ALREADY_PROCESSED))),
             ],
             refunds: vec![(None, Ok(refused(409)))],
+            keyed_refunds: Vec::new(),
             get: Some(Ok(Answer::Ok(failed.clone()))),
         },
     ];
@@ -187,6 +190,65 @@ fn clean() -> World {
         end,
         chaos,
     }
+}
+
+/// `clean()` with payment A refunded in parts instead: `part-0` (300, sent twice), `part-1`
+/// (800: refused, 700 left) and `part-2` (all that is left: 700).
+fn in_parts() -> World {
+    use crate::crash::plan::KeyedRefund;
+    let mut w = clean();
+    let part = |key: &str, amount, copies| KeyedRefund {
+        key: key.into(),
+        amount,
+        copies,
+    };
+    w.plans[0].refunds.clear();
+    w.plans[0].keyed_refunds = vec![
+        part("part-0", Some(300), 2),
+        part("part-1", Some(800), 1),
+        part("part-2", None, 1),
+    ];
+    let keyed = |key: &str, n: u32, refund_id: &str, amount: u64| Refund {
+        refund_key: Some(key.into()),
+        gateway_key: Some(format!("refund:{A}:r{n}")),
+        ..refund(refund_id, amount)
+    };
+    let (first, rest) = (
+        keyed("part-0", 1, "re_1", 300),
+        keyed("part-2", 2, "re_2", 700),
+    );
+    w.logs[0].refunds.clear();
+    w.logs[0].keyed_refunds = vec![
+        ("part-0".into(), Ok(Answer::Ok(first.clone()))),
+        ("part-0".into(), Ok(Answer::Ok(first.clone()))),
+        ("part-1".into(), Ok(refused(409))),
+        ("part-2".into(), Ok(Answer::Ok(rest.clone()))),
+    ];
+    let end = final_mut(&mut w, 0);
+    end.amount_refunded = 1000;
+    end.refunds = vec![first, rest];
+    w.end.stored_refunds.remove(A);
+    w.end.ledger.retain(|e| e.op != LedgerOp::Refund);
+    for (n, refund_id, amount) in [(1, "re_1", 300), (2, "re_2", 700)] {
+        w.end.ledger.push(LedgerEntry {
+            idempotency_key: format!("refund:{A}:r{n}"),
+            ..line(
+                LedgerOp::Refund,
+                A,
+                amount,
+                LedgerOutcome::Succeeded,
+                Some(refund_id),
+                false,
+            )
+        });
+    }
+    w.end.failed_invocations.push(invocation(
+        A,
+        REFUND,
+        "completed",
+        Some("[409] cannot refund 800 of payment crash-0000: 700 of its 1000 is left to refund"),
+    ));
+    w
 }
 
 fn run(w: &World) -> Findings {
@@ -393,6 +455,10 @@ const CASES: &[(&str, fn(&mut World))] = &[
     ("no-unknown-settled", |w| {
         w.params = w.params.clone().with_gateway_process()
     }),
+    ("refunded-total-mismatch", |w| {
+        *w = in_parts();
+        final_mut(w, 0).amount_refunded = 300;
+    }),
 ];
 
 #[test]
@@ -416,7 +482,7 @@ fn the_cases_cover_every_kind_once() {
     names.dedup();
     assert_eq!(names.len(), CASES.len(), "a kind has two cases");
     // The number of `Kind` variants: keep in step when a kind is added.
-    assert_eq!(CASES.len(), 39);
+    assert_eq!(CASES.len(), 40);
 }
 
 /// A payment answered `pending` (its outcome unknown), settled later by the service: the
@@ -462,6 +528,48 @@ fn a_canceled_payment_with_its_void_refund_passes() {
     let f = run(&w2);
     assert!(
         f.count("refunded-without-ledger-refund") > 0,
+        "{:#?}",
+        f.violations
+    );
+}
+
+/// Refunds in parts: each made once under its key and stored, one refused for more than was
+/// left, the total the charge. Then what must be caught: a key refunded twice, parts above the
+/// charge, a part the gateway made that the state lacks, a partial total called `refunded`.
+#[test]
+fn refunds_in_parts_pass_and_their_faults_are_caught() {
+    let w = in_parts();
+    let f = run(&w);
+    assert!(f.violations.is_empty(), "{:#?}", f.violations);
+    assert_eq!(f.expected_409s, 2, "the failed payment's and part-1's");
+
+    let mut twice = in_parts();
+    let again = twice.end.ledger.last().unwrap().clone();
+    twice.end.ledger.push(LedgerEntry {
+        id: Some("re_3".into()),
+        ..again
+    });
+    let f = run(&twice);
+    assert!(f.count("refunded-twice") > 0, "{:#?}", f.violations);
+    assert!(f.count("refund-above-charge") > 0, "{:#?}", f.violations);
+
+    let mut lost = in_parts();
+    final_mut(&mut lost, 0).refunds.pop();
+    let f = run(&lost);
+    assert!(
+        f.count("ledger-refund-but-not-refunded") > 0,
+        "{:#?}",
+        f.violations
+    );
+
+    let mut partial = in_parts();
+    partial.end.ledger.pop();
+    let end = final_mut(&mut partial, 0);
+    end.refunds.pop();
+    end.amount_refunded = 300;
+    let f = run(&partial);
+    assert!(
+        f.count("refunded-total-mismatch") > 0,
         "{:#?}",
         f.violations
     );
