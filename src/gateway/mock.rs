@@ -495,6 +495,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn refunds_are_found_by_their_key_and_capped_at_the_charge() {
+        let gw = MockGateway::new(config(0.0)).unwrap();
+        let ChargeResponse::Succeeded { charge_id } =
+            gw.charge(charge("charge:f1", "cust", 500)).await.unwrap()
+        else {
+            panic!("declined")
+        };
+        let refund = |key: &str, amount| RefundRequest {
+            idempotency_key: key.into(),
+            payment_id: "f1".into(),
+            charge_id: charge_id.clone(),
+            amount,
+        };
+        let first = gw.refund(refund("refund:f1:r1", 200)).await.unwrap();
+        let second = gw.refund(refund("refund:f1:r2", 300)).await.unwrap();
+        assert_ne!(first, second);
+        for (key, made) in [("refund:f1:r1", &first), ("refund:f1:r2", &second)] {
+            assert_eq!(
+                gw.find_refund(&refund(key, 0)).await.unwrap().as_ref(),
+                Some(made)
+            );
+        }
+        assert_eq!(
+            gw.find_refund(&refund("refund:f1:r3", 1)).await.unwrap(),
+            None
+        );
+        let over = gw.refund(refund("refund:f1:r3", 1)).await.unwrap_err();
+        assert!(matches!(over, GatewayError::Rejected(_)), "{over}");
+        // A repeat of a key answers its refund.
+        assert_eq!(gw.refund(refund("refund:f1:r1", 200)).await.unwrap(), first);
+    }
+
+    #[tokio::test]
     async fn error_rate_one_always_fails_transiently_without_acting() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");

@@ -9,12 +9,13 @@
 //! grow by about a fifth from there on (README "Performance"). 256 shards stay under glibc's
 //! default 128 KiB threshold up to ~450,000 keys.
 //!
-//! An intent is kept the same way when it can be: a succeeded intent without refunds (what
-//! nearly every in-process charge leaves) is a 16-byte [`Slim`] record, without its metadata
-//! (found by its payment ID's digest; the in-process gateway never reads that metadata back).
-//! Any other intent (open, declined, cancelled, refunded) is kept whole: its metadata decides a
-//! later confirmation's decline, names the payment in a cancel's ledger line, and holds a
-//! refund's key (`find_refund`).
+//! An intent is kept the same way when it can be: a succeeded intent (what nearly every
+//! in-process charge leaves) is a 16-byte [`Slim`] record, without its metadata (found by its
+//! payment ID's digest; the in-process gateway never reads that metadata back), and its
+//! refunds, if any, [`SlimRefund`]s beside it that keep only the refund's key (what
+//! `find_refund` reads back). Any other intent (open, declined, cancelled) is kept whole: its
+//! metadata decides a later confirmation's decline and names the payment in a cancel's ledger
+//! line.
 //!
 //! What the ledger does not carry (a currency, metadata beyond the payment ID and a refund's
 //! key) comes back after a restart as `usd` and without it: the in-process gateway reads
@@ -66,11 +67,23 @@ struct Slim {
 
 const _: () = assert!(std::mem::size_of::<Slim>() == 16);
 
+/// A refund of a slim intent: of its metadata only its idempotency key, which the in-process
+/// gateway's `find_refund` matches (a whole refund, with its metadata's strings, took about
+/// three times the memory).
+#[derive(Debug, Clone)]
+struct SlimRefund {
+    amount: u64,
+    created: u32,
+    key: Box<str>,
+}
+
 pub struct MemoryStore {
     keys: Sharded<u128, KeyRecord>,
     /// Intents kept compact ([`Slim`]).
     slim: Sharded<Uuid, Slim>,
-    /// Every other intent, whole (open, cancelled, declined, refunded: few).
+    /// The refunds of slim intents, oldest first.
+    refunds: Sharded<Uuid, Vec<SlimRefund>>,
+    /// Every other intent, whole (open, cancelled, declined: few).
     full: Sharded<Uuid, Intent>,
     /// A payment's first intent ...
     by_payment: Sharded<u128, Uuid>,
@@ -105,6 +118,7 @@ impl MemoryStore {
         Self {
             keys: Sharded::new(),
             slim: Sharded::new(),
+            refunds: Sharded::new(),
             full: Sharded::new(),
             by_payment: Sharded::new(),
             more: HashMap::new(),
@@ -257,8 +271,22 @@ impl MemoryStore {
         self.full.shard(shard).get(id).cloned()
     }
 
-    /// The whole intent a slim record stands for.
-    fn expand(&self, id: &Uuid, slim: Slim) -> Intent {
+    /// The whole intent a slim record stands for, with its refunds.
+    fn expand(&mut self, id: &Uuid, slim: Slim) -> Intent {
+        let refunds = match self.refunds.shard(uuid_shard(id)).get(id) {
+            None => Vec::new(),
+            Some(refunds) => refunds
+                .iter()
+                .map(|r| Refund {
+                    amount: r.amount,
+                    created: u64::from(r.created),
+                    metadata: Metadata::new(vec![(
+                        "idempotency_key".into(),
+                        r.key.as_ref().into(),
+                    )]),
+                })
+                .collect(),
+        };
         Intent {
             id: *id,
             amount: slim.amount,
@@ -272,20 +300,30 @@ impl MemoryStore {
             created: u64::from(slim.created),
             canceled_at: None,
             declined: false,
-            refunds: Vec::new(),
+            refunds,
         }
     }
 
-    /// `intent` as a slim record, if it can be one.
-    fn slim_of(&mut self, intent: &Intent) -> Option<Slim> {
+    /// `intent` as a slim record and its refunds, if it can be one.
+    fn slim_of(&mut self, intent: &Intent) -> Option<(Slim, Vec<SlimRefund>)> {
         if intent.status != IntentStatus::Succeeded
             || intent.declined
             || intent.canceled_at.is_some()
-            || !intent.refunds.is_empty()
         {
             return None;
         }
         let created = u32::try_from(intent.created).ok()?;
+        let refunds = intent
+            .refunds
+            .iter()
+            .map(|r| {
+                Some(SlimRefund {
+                    amount: r.amount,
+                    created: u32::try_from(r.created).ok()?,
+                    key: r.metadata.get("idempotency_key").unwrap_or_default().into(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
         let method = match intent.payment_method.as_deref() {
             None => 0,
             Some(pm) => match self.methods.iter().position(|m| &**m == pm) {
@@ -297,12 +335,13 @@ impl MemoryStore {
                 None => return None,
             },
         };
-        Some(Slim {
+        let slim = Slim {
             amount: intent.amount,
             created,
             currency: intent.currency,
             method,
-        })
+        };
+        Some((slim, refunds))
     }
 
     fn apply(&mut self, key: Option<(&str, KeyRecord)>, intent: Option<&Intent>) {
@@ -314,15 +353,22 @@ impl MemoryStore {
             let shard = uuid_shard(&intent.id);
             let was_slim = self.slim.shard(shard).remove(&intent.id).is_some();
             let was_full = match self.slim_of(intent) {
-                Some(slim) => {
+                Some((slim, refunds)) => {
                     self.slim.shard(shard).insert(intent.id, slim);
+                    if refunds.is_empty() {
+                        self.refunds.shard(shard).remove(&intent.id);
+                    } else {
+                        self.refunds.shard(shard).insert(intent.id, refunds);
+                    }
                     self.full.shard(shard).remove(&intent.id).is_some()
                 }
-                None => self
-                    .full
-                    .shard(shard)
-                    .insert(intent.id, intent.clone())
-                    .is_some(),
+                None => {
+                    self.refunds.shard(shard).remove(&intent.id);
+                    self.full
+                        .shard(shard)
+                        .insert(intent.id, intent.clone())
+                        .is_some()
+                }
             };
             if !was_slim && !was_full {
                 let d = self.digest.of(intent.metadata.payment_id());
