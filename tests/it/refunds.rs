@@ -6,12 +6,19 @@ use std::time::Duration;
 
 use payment_service::gateway::MockConfig;
 use payment_service::payment::{CreatePaymentBody, PaymentStatus, RefundStatus};
-use testkit::ledger::LedgerOp;
+use testkit::ledger::{LedgerEntry, LedgerOp};
 use testkit::stack::Stack;
 
 use crate::helpers::{
     assert_refused, keyed_refund_body, ok, own_stack, refund_body, spawn_app, state_of, unique_id,
 };
+
+/// The gateway key and amount of each refund the gateway made, in ledger order.
+fn keys_and_amounts(made: &[LedgerEntry]) -> Vec<(String, u64)> {
+    made.iter()
+        .map(|e| (e.idempotency_key.clone(), e.amount))
+        .collect()
+}
 
 #[test]
 fn refunds_with_keys_are_made_once_each_and_never_exceed_the_payment() {
@@ -68,12 +75,8 @@ fn refunds_with_keys_are_made_once_each_and_never_exceed_the_payment() {
     assert!(message.contains("refunded"), "{message}");
 
     let made = app.moved_money(&id, LedgerOp::Refund);
-    let sent: Vec<_> = made
-        .iter()
-        .map(|e| (e.idempotency_key.clone(), e.amount))
-        .collect();
     assert_eq!(
-        sent,
+        keys_and_amounts(&made),
         [
             (format!("refund:{id}:r1"), 3000),
             (format!("refund:{id}:r2"), 7000)
@@ -192,12 +195,8 @@ fn refunds_with_keys_whose_answers_are_lost_are_settled_each_with_its_amount() {
     assert_eq!(end.status, PaymentStatus::PartiallyRefunded, "{end:?}");
     assert_eq!(end.amount_refunded, 2500);
     let made = app.moved_money(&id, LedgerOp::Refund);
-    let amounts: Vec<_> = made
-        .iter()
-        .map(|e| (e.idempotency_key.clone(), e.amount))
-        .collect();
     assert_eq!(
-        amounts,
+        keys_and_amounts(&made),
         [
             (format!("refund:{id}:r1"), 1000),
             (format!("refund:{id}:r2"), 1500)

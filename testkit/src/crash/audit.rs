@@ -510,6 +510,36 @@ impl<'a> GatewayView<'a> {
     }
 }
 
+/// A RefundPayment refusal, or no answer, that the payment's end does not explain (an answer
+/// with a refund is checked by the caller).
+fn wrong_refund_answer(
+    id: &str,
+    asked: Option<u64>,
+    answer: &Reply<Refund>,
+    payment: PaymentStatus,
+    f: &mut Findings,
+) {
+    match answer {
+        Ok(Answer::Ok(_)) => {}
+        Ok(Answer::Refused(r)) => f.violation(
+            id,
+            Kind::RefundRefused {
+                asked,
+                status: r.status,
+                message: r.message.clone(),
+                payment,
+            },
+        ),
+        Err(e) => f.violation(
+            id,
+            Kind::Unanswered {
+                handler: "RefundPayment",
+                last: e.to_string(),
+            },
+        ),
+    }
+}
+
 /// Stripe's error code for a key whose first request is still running: an unknown outcome to
 /// the caller, not a refusal.
 const KEY_IN_USE: &str = "idempotency_key_in_use";
@@ -937,22 +967,7 @@ impl PaymentAudit<'_> {
                     },
                 ),
                 Ok(Answer::Refused(r)) if r.status == 409 && stored.is_none() => {}
-                Ok(Answer::Refused(r)) => f.violation(
-                    id,
-                    Kind::RefundRefused {
-                        asked: None,
-                        status: r.status,
-                        message: r.message.clone(),
-                        payment: end.status,
-                    },
-                ),
-                Err(e) => f.violation(
-                    id,
-                    Kind::Unanswered {
-                        handler: "RefundPayment",
-                        last: e.to_string(),
-                    },
-                ),
+                other => wrong_refund_answer(id, None, other, end.status, f),
             }
         }
     }
@@ -1040,22 +1055,7 @@ impl PaymentAudit<'_> {
                 }
                 Ok(Answer::Refused(r))
                     if r.status == 409 && end.status == PaymentStatus::Failed => {}
-                Ok(Answer::Refused(r)) => f.violation(
-                    id,
-                    Kind::RefundRefused {
-                        asked: *asked,
-                        status: r.status,
-                        message: r.message.clone(),
-                        payment: end.status,
-                    },
-                ),
-                Err(e) => f.violation(
-                    id,
-                    Kind::Unanswered {
-                        handler: "RefundPayment",
-                        last: e.to_string(),
-                    },
-                ),
+                other => wrong_refund_answer(id, *asked, other, end.status, f),
             }
         }
     }
