@@ -634,7 +634,7 @@ pub fn audit(
 }
 
 /// Nothing unfinished; no failure but the expected ones: the readiness probes' 404 and the
-/// 409 of refunding a failed payment.
+/// 409 of refunding a failed payment, or of a refund in parts for more than is left.
 fn audit_invocations(plans: &[PaymentPlan], end: &EndState, f: &mut Findings) {
     for inv in &end.unfinished {
         f.violation(
