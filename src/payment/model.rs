@@ -283,6 +283,7 @@ impl Payment {
                 ));
                 self.charge_id = Some(charge_id);
                 self.last_error = None;
+                self.amount_refunded = self.amount.minor_units();
                 Some(Refund::completed(
                     refund_id,
                     at,
@@ -735,6 +736,7 @@ mod tests {
             .unwrap();
         assert_eq!(p.status, PaymentStatus::Canceled);
         assert_eq!(p.charge_id.as_deref(), Some("ch_1"));
+        assert_eq!(p.amount_refunded, 10000, "the void refunded all of it");
         assert_eq!(
             (refund.amount, refund.status),
             (p.amount, RefundStatus::Completed)

@@ -916,7 +916,8 @@ impl PaymentAudit<'_> {
                 );
             }
         }
-        if self.plan.keyed_refunds.is_empty() {
+        // A canceled payment's total is its void's refund (checked with the refunds).
+        if self.plan.keyed_refunds.is_empty() || end.status == PaymentStatus::Canceled {
             return;
         }
         let made: u64 = self.gw.keyed.iter().map(|e| e.amount).sum();
