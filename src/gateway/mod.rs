@@ -16,6 +16,7 @@ mod ledger;
 mod mock;
 mod retry;
 pub mod stripe;
+pub mod webhook;
 
 use async_trait::async_trait;
 
