@@ -116,7 +116,7 @@ pub struct Payment {
     pub spent_refund_keys: u32,
     /// Minor units refunded so far, by every refund made (the payment's one refund and those
     /// made with refund keys).
-    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub amount_refunded: u64,
     /// The refunds made with refund keys, oldest first, pending ones included. `GetPayment`
     /// lists the payment's one refund (state key `refund`) first.
@@ -131,12 +131,8 @@ pub struct Payment {
 /// The most refunds with refund keys one payment can have: each is stored with the payment.
 pub const MAX_KEYED_REFUNDS: usize = 100;
 
-fn is_zero_u64(n: &u64) -> bool {
-    *n == 0
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 /// The charge step's result. It is the result of a journaled step, so it is recorded once and
