@@ -74,6 +74,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_KEY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
     pub gateway_key_retention: Duration,
 
+    /// How long a hold (`"capture": "manual"`) waits for CapturePayment before the service
+    /// releases it: Stripe's card holds last 7 days. E.g. `7d`, `2s`.
+    #[arg(long, env = "HOLD_EXPIRY", default_value = "7d", value_parser = parse_hold_expiry)]
+    pub hold_expiry: Duration,
+
     /// Mock gateway: milliseconds each call takes before the gateway acts.
     #[arg(long, env = "GATEWAY_DELAY_MS", default_value_t = 100)]
     pub gateway_delay_ms: u64,
@@ -320,6 +325,15 @@ fn parse_version(s: &str) -> Result<String, String> {
     }
 }
 
+/// A hold's window: at least a second (the timer that ends it is Restate's, in milliseconds).
+fn parse_hold_expiry(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("the hold expiry must be at least 1s, got {s}"));
+    }
+    Ok(d)
+}
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     let rate: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if (0.0..=1.0).contains(&rate) {
@@ -360,6 +374,15 @@ mod tests {
         assert!(config.identity_keys.is_empty());
         assert_eq!(config.worker_threads, 1);
         assert_eq!(config.settle_policy(), SettlePolicy::default());
+        assert_eq!(config.hold_expiry, crate::service::DEFAULT_HOLD_EXPIRY);
+    }
+
+    #[test]
+    fn the_hold_expiry_is_a_duration_of_a_second_or_more() {
+        let config = Config::try_parse_from(["payment-service", "--hold-expiry", "2s"]).unwrap();
+        assert_eq!(config.hold_expiry, Duration::from_secs(2));
+        assert!(Config::try_parse_from(["payment-service", "--hold-expiry", "500ms"]).is_err());
+        assert!(Config::try_parse_from(["payment-service", "--hold-expiry", "soon"]).is_err());
     }
 
     #[test]

@@ -32,7 +32,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if config.gateway == GatewayKind::Stripe {
         tracing::info!(api_base = %config.stripe_api_base, "gateway: Stripe's API");
     }
-    let endpoint = server::endpoint(gateway, config.settle_policy(), &config.identity_keys)?;
+    let endpoint = server::endpoint(
+        gateway,
+        config.settle_policy(),
+        config.hold_expiry,
+        &config.identity_keys,
+    )?;
     if config.identity_keys.is_empty() {
         tracing::info!("no identity keys: any caller that reaches this port can invoke handlers");
     }

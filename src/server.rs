@@ -23,9 +23,10 @@ use crate::service::{PaymentService, SettlePolicy};
 pub fn endpoint(
     gateway: Arc<dyn PaymentGateway>,
     policy: SettlePolicy,
+    hold_expiry: std::time::Duration,
     identity_keys: &[String],
 ) -> anyhow::Result<Endpoint> {
-    let mut builder = Endpoint::builder().bind(PaymentService::new(gateway, policy));
+    let mut builder = Endpoint::builder().bind(PaymentService::new(gateway, policy, hold_expiry));
     for key in identity_keys {
         builder = builder
             .identity_key(key)

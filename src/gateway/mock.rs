@@ -11,12 +11,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest,
-    RefundResponse, VoidRequest, VoidResponse, refund_in_full,
+    CaptureRequest, CaptureResponse, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError,
+    PaymentGateway, RefundRequest, RefundResponse, VoidHoldRequest, VoidRequest, VoidResponse,
+    refund_in_full,
 };
 use crate::stripe_sim::{
-    Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults, LedgerFault,
-    MemoryStore, Metadata, Post, Reply, SimConfig,
+    Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults,
+    IntentStatus, LedgerFault, MemoryStore, Metadata, Post, Reply, SimConfig,
 };
 
 pub use crate::stripe_sim::DECLINE_CUSTOMER_PREFIX;
@@ -169,6 +170,7 @@ impl MockGateway {
                 ("customer_id".to_owned(), request.customer_id.clone()),
                 ("payment_id".to_owned(), request.payment_id.clone()),
             ]),
+            capture_manual: request.manual_capture,
         })
     }
 }
@@ -202,8 +204,11 @@ impl PaymentGateway for MockGateway {
             .post(&request.idempotency_key, &request.payment_id, post)
             .await?;
         match reply.body {
-            Body::Intent(i) if i.status == crate::stripe_sim::IntentStatus::Succeeded => {
+            Body::Intent(i) if i.status == IntentStatus::Succeeded => {
                 Ok(ChargeResponse::Succeeded { charge_id: i.id() })
+            }
+            Body::Intent(i) if i.status == IntentStatus::RequiresCapture => {
+                Ok(ChargeResponse::Authorized { charge_id: i.id() })
             }
             Body::Intent(i) => Err(GatewayError::Unknown(format!(
                 "intent {} is {}",
@@ -267,9 +272,9 @@ impl PaymentGateway for MockGateway {
                     // Already cancelled (by an earlier void whose answer was lost).
                     Body::Error(e)
                         if e.code == Some("payment_intent_unexpected_state")
-                            && e.payment_intent.as_ref().is_some_and(|i| {
-                                i.status == crate::stripe_sim::IntentStatus::Canceled
-                            }) =>
+                            && e.payment_intent
+                                .as_ref()
+                                .is_some_and(|i| i.status == IntentStatus::Canceled) =>
                     {
                         Ok(VoidResponse::NothingCharged)
                     }
@@ -286,10 +291,63 @@ impl PaymentGateway for MockGateway {
                     ChargeResponse::Succeeded { charge_id } => {
                         refund_in_full(self, &request, charge_id).await
                     }
+                    ChargeResponse::Authorized { charge_id } => {
+                        self.void_hold(VoidHoldRequest {
+                            idempotency_key: request.refund_key.clone(),
+                            payment_id: charge.payment_id.clone(),
+                            charge_id,
+                        })
+                        .await?;
+                        Ok(VoidResponse::NothingCharged)
+                    }
                 }
             }
             Body::Error(e) => Err(error_of(&e)),
             Body::Refund(_) => Err(GatewayError::Unknown("a refund answered a create".into())),
+        }
+    }
+
+    async fn capture(&self, request: CaptureRequest) -> Result<CaptureResponse, GatewayError> {
+        let post = Post::Capture {
+            intent: request.charge_id.clone(),
+            amount_to_capture: Some(request.amount),
+        };
+        let reply = self
+            .post(&request.idempotency_key, &request.payment_id, post)
+            .await?;
+        match reply.body {
+            Body::Intent(i) if i.status == IntentStatus::Succeeded => Ok(CaptureResponse {
+                amount: i.amount_received(),
+            }),
+            Body::Intent(i) => Err(GatewayError::Unknown(format!(
+                "intent {} is {} after a capture",
+                i.id(),
+                i.status.as_str()
+            ))),
+            Body::Error(e) => Err(error_of(&e)),
+            Body::Refund(_) => Err(GatewayError::Unknown("a refund answered a capture".into())),
+        }
+    }
+
+    async fn void_hold(&self, request: VoidHoldRequest) -> Result<(), GatewayError> {
+        let post = Post::Cancel {
+            intent: request.charge_id.clone(),
+        };
+        let reply = self
+            .post(&request.idempotency_key, &request.payment_id, post)
+            .await?;
+        match reply.body {
+            Body::Intent(_) => Ok(()),
+            // Released already, under another key.
+            Body::Error(e)
+                if e.payment_intent
+                    .as_ref()
+                    .is_some_and(|i| i.status == IntentStatus::Canceled) =>
+            {
+                Ok(())
+            }
+            Body::Error(e) => Err(error_of(&e)),
+            Body::Refund(_) => Err(GatewayError::Unknown("a refund answered a cancel".into())),
         }
     }
 
@@ -300,12 +358,16 @@ impl PaymentGateway for MockGateway {
             .search(payment_id.to_owned())
             .await
             .map_err(|e| GatewayError::Unknown(format!("{e:#}")))?;
-        Ok(
-            match intents
+        let held = || {
+            intents
                 .iter()
-                .find(|i| i.status == crate::stripe_sim::IntentStatus::Succeeded)
-            {
+                .find(|i| i.status == IntentStatus::RequiresCapture)
+                .map(|i| ChargeLookup::Authorized { charge_id: i.id() })
+        };
+        Ok(
+            match intents.iter().find(|i| i.status == IntentStatus::Succeeded) {
                 Some(i) => ChargeLookup::Charged { charge_id: i.id() },
+                None if let Some(held) = held() => held,
                 None => ChargeLookup::NotCharged {
                     reason: match intents.last() {
                         None => "no charge for this payment".into(),
@@ -355,6 +417,7 @@ mod tests {
             amount,
             currency: "USD".into(),
             customer_id: customer.into(),
+            manual_capture: false,
         }
     }
 

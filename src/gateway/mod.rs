@@ -33,13 +33,50 @@ pub struct ChargeRequest {
     pub amount: u64,
     pub currency: String,
     pub customer_id: String,
+    /// Hold the money (Stripe's `capture_method=manual`) rather than take it: a capture takes
+    /// it later, or a void releases it.
+    pub manual_capture: bool,
 }
 
 /// The gateway's final word on a charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeResponse {
-    Succeeded { charge_id: String },
-    Declined { reason: String },
+    Succeeded {
+        charge_id: String,
+    },
+    /// A charge with manual capture: the money is held, not taken.
+    Authorized {
+        charge_id: String,
+    },
+    Declined {
+        reason: String,
+    },
+}
+
+/// A request to take (part of) a held charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureRequest {
+    pub idempotency_key: String,
+    pub payment_id: String,
+    /// The hold as the gateway named it in [`ChargeResponse::Authorized`].
+    pub charge_id: String,
+    /// At most the amount held.
+    pub amount: u64,
+}
+
+/// The gateway's final word on a capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureResponse {
+    /// What the capture took.
+    pub amount: u64,
+}
+
+/// A request to release a hold, taking nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidHoldRequest {
+    pub idempotency_key: String,
+    pub payment_id: String,
+    pub charge_id: String,
 }
 
 /// A request to give (part of) a charge back.
@@ -116,6 +153,10 @@ pub enum ChargeLookup {
     Charged {
         charge_id: String,
     },
+    /// A hold, not captured.
+    Authorized {
+        charge_id: String,
+    },
     /// No charge for the payment took money (none was made, or it was declined or cancelled).
     NotCharged {
         reason: String,
@@ -145,6 +186,12 @@ pub trait PaymentGateway: Send + Sync + 'static {
     /// if the charge has not reached the gateway, or refunds it (with `request.refund_key`) if
     /// it went through. Idempotent: a repeat answers the same.
     async fn void(&self, request: VoidRequest) -> Result<VoidResponse, GatewayError>;
+    /// Takes `request.amount` of a hold, once per key. A hold released (or captured) already
+    /// is [`GatewayError::Rejected`]: nothing is taken.
+    async fn capture(&self, request: CaptureRequest) -> Result<CaptureResponse, GatewayError>;
+    /// Releases a hold, taking nothing; a hold released already answers the same. A hold
+    /// captured already is [`GatewayError::Rejected`].
+    async fn void_hold(&self, request: VoidHoldRequest) -> Result<(), GatewayError>;
     /// Whether the gateway took money for `payment_id`, whatever key it was sent with.
     async fn find_charge(&self, payment_id: &str) -> Result<ChargeLookup, GatewayError>;
     /// The refund made for `request` (matched by its idempotency key), if the gateway has one.

@@ -24,15 +24,16 @@ use ::stripe::{IdempotencyKey, StripeRequest as _};
 use async_trait::async_trait;
 use stripe_client_core::{RequestBuilder, StripeMethod};
 use stripe_core::payment_intent::{
-    CancelPaymentIntent, RetrievePaymentIntent, SearchPaymentIntent,
+    CancelPaymentIntent, CapturePaymentIntent, RetrievePaymentIntent, SearchPaymentIntent,
 };
 use stripe_core::refund::{CreateRefund, ListRefund};
 use uuid::Uuid;
 
 use super::mock::DECLINE_REASON;
 use super::{
-    ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest,
-    RefundResponse, VoidRequest, VoidResponse, refund_in_full,
+    CaptureRequest, CaptureResponse, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError,
+    PaymentGateway, RefundRequest, RefundResponse, VoidHoldRequest, VoidRequest, VoidResponse,
+    refund_in_full,
 };
 
 /// Stripe's own API.
@@ -166,6 +167,7 @@ impl StripeGateway {
             payment_method: &self.config.payment_method,
             allowed_payment_method_types: &self.config.allowed_payment_method_types,
             metadata,
+            capture_method: charge.manual_capture.then_some("manual"),
         };
         RequestBuilder::new(StripeMethod::Post, "/payment_intents")
             .form(&params)
@@ -217,6 +219,9 @@ impl PaymentGateway for StripeGateway {
     async fn charge(&self, request: ChargeRequest) -> Result<ChargeResponse, GatewayError> {
         match self.create_intent(&request, true).await {
             Ok(intent) if intent.status == "succeeded" => Ok(ChargeResponse::Succeeded {
+                charge_id: intent.id,
+            }),
+            Ok(intent) if intent.status == "requires_capture" => Ok(ChargeResponse::Authorized {
                 charge_id: intent.id,
             }),
             // processing, requires_action, ...: no final word yet.
@@ -272,10 +277,63 @@ impl PaymentGateway for StripeGateway {
                     ChargeResponse::Succeeded { charge_id } => {
                         refund_in_full(self, &request, charge_id).await
                     }
+                    ChargeResponse::Authorized { charge_id } => {
+                        self.void_hold(VoidHoldRequest {
+                            idempotency_key: request.refund_key.clone(),
+                            payment_id: request.charge.payment_id.clone(),
+                            charge_id,
+                        })
+                        .await?;
+                        Ok(VoidResponse::NothingCharged)
+                    }
                     ChargeResponse::Declined { .. } => Ok(VoidResponse::NothingCharged),
                 }
             }
             Err(e) => Err(classify(&e)),
+        }
+    }
+
+    async fn capture(&self, request: CaptureRequest) -> Result<CaptureResponse, GatewayError> {
+        let amount = i64::try_from(request.amount)
+            .map_err(|_| GatewayError::Rejected(format!("amount {} too large", request.amount)))?;
+        let intent = CapturePaymentIntent::new(request.charge_id.as_str())
+            .amount_to_capture(amount)
+            .build()
+            .customize::<Intent>()
+            .request_strategy(idempotent(&request.idempotency_key))
+            .send(&self.client)
+            .await
+            .map_err(|e| classify(&e))?;
+        match intent.status.as_str() {
+            "succeeded" => Ok(CaptureResponse {
+                amount: intent.amount_received.unwrap_or(request.amount),
+            }),
+            other => Err(GatewayError::Unknown(format!(
+                "payment intent {} is {other} after a capture",
+                intent.id
+            ))),
+        }
+    }
+
+    async fn void_hold(&self, request: VoidHoldRequest) -> Result<(), GatewayError> {
+        match self
+            .cancel_intent(&request.charge_id, &request.idempotency_key)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match classify(&e) {
+                unknown @ GatewayError::Unknown(_) => Err(unknown),
+                // Released already under another key, or captured: its state tells.
+                rejected => match self
+                    .retrieve_intent(&request.charge_id)
+                    .await?
+                    .status
+                    .as_str()
+                {
+                    "canceled" => Ok(()),
+                    _ => Err(rejected),
+                },
+            },
         }
     }
 
@@ -366,6 +424,9 @@ struct CreateIntent<'a> {
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     allowed_payment_method_types: &'a [String],
     metadata: BTreeMap<&'static str, &'a str>,
+    /// `manual` for a hold; left out (Stripe's `automatic`) otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capture_method: Option<&'static str>,
 }
 
 /// A payment intent, as far as the adapter reads it.
@@ -374,6 +435,8 @@ pub struct Intent {
     pub id: String,
     pub status: String,
     pub amount: Option<u64>,
+    /// What a capture took (Stripe's `amount_received`).
+    pub amount_received: Option<u64>,
     pub metadata: Option<HashMap<String, String>>,
 }
 
@@ -398,11 +461,13 @@ struct RefundPage {
 }
 
 fn not_charged(payment_id: &str, seen: &[Intent]) -> Result<ChargeLookup, GatewayError> {
-    // Money may still move for these: not a "no".
-    if let Some(open) = seen
-        .iter()
-        .find(|i| matches!(i.status.as_str(), "processing" | "requires_capture"))
-    {
+    if let Some(held) = seen.iter().find(|i| i.status == "requires_capture") {
+        return Ok(ChargeLookup::Authorized {
+            charge_id: held.id.clone(),
+        });
+    }
+    // Money may still move for this one: not a "no".
+    if let Some(open) = seen.iter().find(|i| i.status == "processing") {
         return Err(GatewayError::Unknown(format!(
             "payment intent {} of payment {payment_id:?} is {}",
             open.id, open.status

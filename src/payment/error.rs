@@ -4,7 +4,7 @@
 //! retrying, so the Restate boundary turns each into a terminal error with a 4xx code
 //! (see `service::to_terminal`).
 
-use super::{Amount, PaymentStatus};
+use super::{Amount, CaptureMethod, PaymentStatus};
 
 /// Why a request was refused by the domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,13 +46,42 @@ pub enum PaymentError {
     /// A refund of more than is left of the payment once its refunds (made or still being
     /// settled) are taken off.
     #[error(
-        "cannot refund {requested} of payment {payment_id}: {left} of its {amount} is left to refund"
+        "cannot refund {requested} of payment {payment_id}: {left} of the {charged} charged is left to refund"
     )]
     RefundExceedsBalance {
         payment_id: String,
         requested: Amount,
         left: u64,
-        amount: Amount,
+        charged: u64,
+    },
+    /// A capture or a release of a hold asked of a payment that holds none.
+    #[error("{}", not_authorized(payment_id, action, *status, *capture))]
+    NotAuthorized {
+        payment_id: String,
+        action: &'static str,
+        status: PaymentStatus,
+        capture: CaptureMethod,
+    },
+    /// A capture or a release asked while the other is being settled.
+    #[error("cannot {action} payment {payment_id}: {pending} is being settled")]
+    HoldBusy {
+        payment_id: String,
+        action: &'static str,
+        pending: &'static str,
+    },
+    /// A capture of more than is held.
+    #[error("cannot capture {requested} of payment {payment_id}: it holds {held}")]
+    CaptureExceedsHold {
+        payment_id: String,
+        requested: Amount,
+        held: Amount,
+    },
+    /// The gateway refused a capture or a release and did nothing.
+    #[error("the gateway refused to {action} payment {payment_id}: {reason}")]
+    HoldRejected {
+        payment_id: String,
+        action: &'static str,
+        reason: String,
     },
     /// A payment has at most this many refunds made with refund keys.
     #[error(
@@ -62,6 +91,22 @@ pub enum PaymentError {
     /// The gateway refused the refund and did nothing; the payment stays as it was.
     #[error("the gateway refused to refund payment {payment_id}: {reason}")]
     RefundRejected { payment_id: String, reason: String },
+}
+
+/// Names the state and why it has no hold to act on.
+fn not_authorized(
+    payment_id: &str,
+    action: &str,
+    status: PaymentStatus,
+    capture: CaptureMethod,
+) -> String {
+    let why = match capture {
+        CaptureMethod::Automatic => {
+            "it was not created with \"capture\": \"manual\", so there is no hold"
+        }
+        CaptureMethod::Manual => "only an authorized payment has a hold",
+    };
+    format!("cannot {action} payment {payment_id} with status {status}: {why}")
 }
 
 impl PaymentError {

@@ -12,10 +12,12 @@ pub mod types;
 
 pub use error::PaymentError;
 pub use model::{
-    ChargeOutcome, ChargeStep, Payment, PaymentResult, PaymentStatus, Refund, RefundOutcome,
-    RefundStatus, RefundStep, VoidOutcome,
+    ChargeOutcome, ChargeStep, HoldAction, HoldOutcome, HoldRequest, HoldStep, Payment,
+    PaymentResult, PaymentStatus, PendingHoldAction, REASON_HOLD_CANCELED, REASON_HOLD_EXPIRED,
+    Refund, RefundOutcome, RefundStatus, RefundStep, VoidOutcome,
 };
 pub use request::{
-    CreatePaymentBody, NewPayment, NoInput, RefundAmount, RefundPaymentBody, RefundRequest,
+    CaptureMethod, CapturePaymentBody, CaptureRequest, CreatePaymentBody, NewPayment, NoInput,
+    RefundAmount, RefundPaymentBody, RefundRequest,
 };
 pub use types::{Amount, Currency, MAX_AMOUNT, PaymentId, Timestamp, epoch_millis};

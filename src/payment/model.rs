@@ -22,7 +22,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Amount, Currency, NewPayment, PaymentError, PaymentId, RefundAmount, Timestamp, epoch_millis,
+    Amount, CaptureMethod, Currency, NewPayment, PaymentError, PaymentId, RefundAmount, Timestamp,
+    epoch_millis,
 };
 
 /// The message of a payment that was just charged.
@@ -34,6 +35,10 @@ pub const MSG_REFUNDED: &str = "Refund processed successfully";
 /// The message of a payment whose charge's outcome is not known yet.
 pub const MSG_PENDING: &str =
     "Payment pending: the gateway's answer is not known yet; the service settles it by itself";
+/// The message of a payment whose money is held.
+pub const MSG_AUTHORIZED: &str = "Payment authorized: the amount is held until CapturePayment, CancelPayment or the hold's expiry";
+/// The message of a hold whose capture or release has an outcome not known yet.
+pub const MSG_HOLD_ACTION_PENDING: &str = "Payment authorized: the gateway's answer to its capture or release is not known yet; the service settles it by itself";
 /// The message of a refund whose outcome is not known yet.
 pub const MSG_REFUND_PENDING: &str =
     "Refund pending: the gateway's answer is not known yet; the service settles it by itself";
@@ -57,7 +62,12 @@ pub enum PaymentStatus {
     PartiallyRefunded,
     /// Cancelled by an operator while the charge was unsettled, and voided: nothing charged, or
     /// the charge refunded in full (then `chargeId` names it and the stored refund holds it).
+    /// Or a hold released uncaptured: by `CancelPayment`, or when its window ended
+    /// (`errorMsg` says which).
     Canceled,
+    /// Created with manual capture and held: the money is reserved at the gateway
+    /// (`chargeId`), none taken yet, until `CapturePayment`, `CancelPayment` or `holdExpiresAt`.
+    Authorized,
 }
 
 impl PaymentStatus {
@@ -69,6 +79,7 @@ impl PaymentStatus {
             Self::Refunded => "refunded",
             Self::PartiallyRefunded => "partially_refunded",
             Self::Canceled => "canceled",
+            Self::Authorized => "authorized",
         }
     }
 }
@@ -126,6 +137,96 @@ pub struct Payment {
     /// `PaymentId::keyed_refund_key`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub refund_keys_used: u32,
+    /// `manual`: the charge placed a hold (absent: `automatic`, the money taken at once).
+    #[serde(default, skip_serializing_if = "CaptureMethod::is_automatic")]
+    pub capture: CaptureMethod,
+    /// When the hold was placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorized_at: Option<Timestamp>,
+    /// When the service releases a hold not captured by then (`--hold-expiry` after
+    /// `authorizedAt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_expires_at: Option<Timestamp>,
+    /// What a capture took (at most the amount); refunds are capped by it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub amount_captured: u64,
+    /// A capture or a release of the hold whose outcome is not known yet: stored before the
+    /// gateway is called, so that whatever cuts it off, it resumes as first requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_action: Option<PendingHoldAction>,
+}
+
+/// What is done with a hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "action", rename_all = "camelCase")]
+pub enum HoldAction {
+    /// Take `amount` of the hold.
+    Capture { amount: Amount },
+    /// Release the hold, taking nothing; `reason` is kept as the payment's `errorMsg`.
+    Void { reason: String },
+}
+
+/// A [`HoldAction`] requested and not settled yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingHoldAction {
+    #[serde(flatten)]
+    pub action: HoldAction,
+    /// Calls made to the gateway for it that ended without an answer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    /// Why its outcome is not known yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// What a request to capture or release a hold finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldRequest {
+    /// Done already: the payment answers as it is.
+    Done,
+    /// Stored now, or stored before and not settled (it resumes as first requested): the
+    /// action to run.
+    Run(HoldAction),
+}
+
+/// The reason stored when `CancelPayment` releases a hold.
+pub const REASON_HOLD_CANCELED: &str = "canceled: the hold was released uncaptured";
+/// The reason stored when the service releases a hold past its window.
+pub const REASON_HOLD_EXPIRED: &str = "hold expired: released uncaptured";
+
+/// The result of a hold's gateway step, journaled like [`ChargeStep`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldStep {
+    #[serde(with = "epoch_millis")]
+    pub started_at: Timestamp,
+    #[serde(flatten)]
+    pub result: HoldOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum HoldOutcome {
+    Captured {
+        amount: u64,
+        #[serde(with = "epoch_millis")]
+        at: Timestamp,
+    },
+    Voided,
+    /// The gateway refused and did nothing, the hold still there.
+    Rejected {
+        reason: String,
+    },
+    /// A capture refused because the hold is gone at the gateway (released there, or expired):
+    /// nothing was taken.
+    Gone {
+        reason: String,
+    },
+    Unknown {
+        reason: String,
+        attempts: u32,
+    },
 }
 
 /// The most refunds with refund keys one payment can have: each is stored with the payment.
@@ -157,6 +258,13 @@ pub enum ChargeOutcome {
     /// The gateway took the money.
     #[serde(rename_all = "camelCase")]
     Charged {
+        charge_id: String,
+        #[serde(with = "epoch_millis")]
+        at: Timestamp,
+    },
+    /// The gateway holds the money (manual capture).
+    #[serde(rename_all = "camelCase")]
+    Authorized {
         charge_id: String,
         #[serde(with = "epoch_millis")]
         at: Timestamp,
@@ -219,6 +327,11 @@ impl Payment {
             amount_refunded: 0,
             refunds: Vec::new(),
             refund_keys_used: 0,
+            capture: request.capture,
+            authorized_at: None,
+            hold_expires_at: None,
+            amount_captured: 0,
+            hold_action: None,
         }
     }
 
@@ -233,6 +346,12 @@ impl Payment {
                 self.status = PaymentStatus::Completed;
                 self.charge_id = Some(charge_id);
                 self.completed_at = Some(at);
+                self.last_error = None;
+            }
+            ChargeOutcome::Authorized { charge_id, at } => {
+                self.status = PaymentStatus::Authorized;
+                self.charge_id = Some(charge_id);
+                self.authorized_at = Some(at);
                 self.last_error = None;
             }
             ChargeOutcome::Declined { reason }
@@ -252,6 +371,141 @@ impl Payment {
     /// Whether the charge's outcome is unknown and the service is settling it by itself.
     pub fn is_settling(&self) -> bool {
         self.status == PaymentStatus::Pending && (self.attempts > 0 || self.canceling)
+    }
+
+    /// What a charge took: the amount, or for a hold, what its capture took.
+    pub fn charged_amount(&self) -> u64 {
+        match self.capture {
+            CaptureMethod::Automatic => self.amount.minor_units(),
+            CaptureMethod::Manual => self.amount_captured,
+        }
+    }
+
+    /// A request to capture `amount` of the hold (`None`: all of it): stored as the pending
+    /// action, resumed if one is stored, or done already; refused when the payment's state
+    /// does not allow it.
+    pub fn request_capture(&mut self, amount: Option<Amount>) -> Result<HoldRequest, PaymentError> {
+        let captured = self.capture == CaptureMethod::Manual && self.amount_captured > 0;
+        if captured {
+            return Ok(HoldRequest::Done);
+        }
+        self.check_hold("capture")?;
+        match self.hold_action.as_ref().map(|p| &p.action) {
+            Some(action @ HoldAction::Capture { .. }) => {
+                return Ok(HoldRequest::Run(action.clone()));
+            }
+            Some(HoldAction::Void { .. }) => {
+                return Err(PaymentError::HoldBusy {
+                    payment_id: self.payment_id.clone(),
+                    action: "capture",
+                    pending: "a release of its hold",
+                });
+            }
+            None => {}
+        }
+        let amount = amount.unwrap_or(self.amount);
+        if amount > self.amount {
+            return Err(PaymentError::CaptureExceedsHold {
+                payment_id: self.payment_id.clone(),
+                requested: amount,
+                held: self.amount,
+            });
+        }
+        Ok(self.store_hold_action(HoldAction::Capture { amount }))
+    }
+
+    /// A request to release the hold, `reason` kept as `errorMsg`: like
+    /// [`Payment::request_capture`].
+    pub fn request_void(&mut self, reason: &str) -> Result<HoldRequest, PaymentError> {
+        if self.capture == CaptureMethod::Manual && self.status == PaymentStatus::Canceled {
+            return Ok(HoldRequest::Done);
+        }
+        self.check_hold("cancel")?;
+        match self.hold_action.as_ref().map(|p| &p.action) {
+            Some(action @ HoldAction::Void { .. }) => return Ok(HoldRequest::Run(action.clone())),
+            Some(HoldAction::Capture { .. }) => {
+                return Err(PaymentError::HoldBusy {
+                    payment_id: self.payment_id.clone(),
+                    action: "cancel",
+                    pending: "a capture of its hold",
+                });
+            }
+            None => {}
+        }
+        Ok(self.store_hold_action(HoldAction::Void {
+            reason: reason.to_owned(),
+        }))
+    }
+
+    fn check_hold(&self, action: &'static str) -> Result<(), PaymentError> {
+        if self.status == PaymentStatus::Authorized {
+            return Ok(());
+        }
+        Err(PaymentError::NotAuthorized {
+            payment_id: self.payment_id.clone(),
+            action,
+            status: self.status,
+            capture: self.capture,
+        })
+    }
+
+    fn store_hold_action(&mut self, action: HoldAction) -> HoldRequest {
+        self.hold_action = Some(PendingHoldAction {
+            action: action.clone(),
+            attempts: 0,
+            last_error: None,
+        });
+        HoldRequest::Run(action)
+    }
+
+    /// Records a hold step's result: `completed` with what the capture took, `canceled` with
+    /// why, or, unknown, the pending action with its attempts. A refusal clears the action
+    /// (nothing was done) and is returned for the client.
+    pub fn settle_hold(&mut self, step: HoldStep) -> Result<(), PaymentError> {
+        debug_assert_eq!(self.status, PaymentStatus::Authorized);
+        let Some(pending) = self.hold_action.as_mut() else {
+            return Ok(());
+        };
+        match step.result {
+            HoldOutcome::Captured { amount, at } => {
+                self.status = PaymentStatus::Completed;
+                self.amount_captured = amount;
+                self.completed_at = Some(at);
+                self.hold_expires_at = None;
+                self.hold_action = None;
+            }
+            HoldOutcome::Voided => {
+                if let HoldAction::Void { reason } = &pending.action {
+                    self.error_msg = Some(reason.clone());
+                }
+                self.status = PaymentStatus::Canceled;
+                self.hold_expires_at = None;
+                self.hold_action = None;
+            }
+            HoldOutcome::Gone { reason } => {
+                self.status = PaymentStatus::Canceled;
+                self.error_msg = Some(reason);
+                self.hold_expires_at = None;
+                self.hold_action = None;
+            }
+            HoldOutcome::Rejected { reason } => {
+                let action = match pending.action {
+                    HoldAction::Capture { .. } => "capture",
+                    HoldAction::Void { .. } => "release the hold of",
+                };
+                self.hold_action = None;
+                return Err(PaymentError::HoldRejected {
+                    payment_id: self.payment_id.clone(),
+                    action,
+                    reason,
+                });
+            }
+            HoldOutcome::Unknown { reason, attempts } => {
+                pending.attempts += attempts;
+                pending.last_error = Some(reason);
+            }
+        }
+        Ok(())
     }
 
     /// Records what voiding the charge did: `canceled`, with the refund if it had gone
@@ -306,7 +560,7 @@ impl Payment {
     }
 
     /// Checks that `request` is a retry of this payment and not another payment under the same
-    /// ID: amount, currency and customer must match (they decide what money moves). The
+    /// ID: amount, currency, customer and capture must match (they decide what money moves). The
     /// description does not count: it is a label, and the stored one stays.
     pub fn check_retry(&self, request: &NewPayment) -> Result<(), PaymentError> {
         let mut fields = Vec::new();
@@ -318,6 +572,9 @@ impl Payment {
         }
         if self.customer_id != request.customer_id {
             fields.push("customerId");
+        }
+        if self.capture != request.capture {
+            fields.push("capture");
         }
         if fields.is_empty() {
             Ok(())
@@ -354,12 +611,12 @@ impl Payment {
                 .filter(|r| r.status == RefundStatus::Pending)
                 .map(|r| r.amount.minor_units())
                 .sum::<u64>();
-        let left = self.amount.minor_units().saturating_sub(held);
+        let charged = self.charged_amount();
+        let left = charged.saturating_sub(held);
         let requested = match requested {
-            RefundAmount::Partial(amount) if amount > self.amount => {
+            RefundAmount::Partial(amount) if amount.minor_units() > charged => {
                 return Err(PaymentError::invalid(format!(
-                    "refund amount {amount} exceeds the payment amount {}",
-                    self.amount
+                    "refund amount {amount} exceeds the amount charged {charged}"
                 )));
             }
             RefundAmount::Partial(amount) => amount,
@@ -374,7 +631,7 @@ impl Payment {
                 payment_id: self.payment_id.clone(),
                 requested,
                 left,
-                amount: self.amount,
+                charged,
             });
         }
         Ok(requested)
@@ -388,7 +645,7 @@ impl Payment {
             PaymentStatus::Completed | PaymentStatus::PartiallyRefunded
         ));
         self.amount_refunded += amount.minor_units();
-        self.status = if self.amount_refunded >= self.amount.minor_units() {
+        self.status = if self.amount_refunded >= self.charged_amount() {
             PaymentStatus::Refunded
         } else {
             PaymentStatus::PartiallyRefunded
@@ -471,6 +728,10 @@ impl PaymentResult {
         let message = match (&payment.status, &payment.error_msg) {
             (PaymentStatus::Failed | PaymentStatus::Canceled, Some(reason)) => reason.clone(),
             (PaymentStatus::Pending, _) => MSG_PENDING.to_owned(),
+            (PaymentStatus::Authorized, _) => match &payment.hold_action {
+                Some(p) if p.attempts > 0 => MSG_HOLD_ACTION_PENDING.to_owned(),
+                _ => MSG_AUTHORIZED.to_owned(),
+            },
             _ => MSG_PROCESSED.to_owned(),
         };
         Self::with_message(payment, message)
@@ -627,6 +888,7 @@ mod tests {
             currency: Currency::usd(),
             description: "Premium subscription".into(),
             customer_id: "cust-alice".into(),
+            capture: CaptureMethod::Automatic,
         }
     }
 
@@ -855,7 +1117,10 @@ mod tests {
             matches!(err, PaymentError::RefundExceedsBalance { left: 5000, .. }),
             "{err}"
         );
-        assert!(err.to_string().contains("5000 of its 10000"), "{err}");
+        assert!(
+            err.to_string().contains("5000 of the 10000 charged"),
+            "{err}"
+        );
         assert_eq!(
             p.refundable_amount(RefundAmount::Full, 2000)
                 .unwrap()
@@ -965,5 +1230,123 @@ mod tests {
         });
         let json = serde_json::to_string(&declined).unwrap();
         assert_eq!(serde_json::from_str::<ChargeStep>(&json).unwrap(), declined);
+    }
+
+    fn held(amount: u64) -> Payment {
+        let mut p = pending(amount);
+        p.capture = CaptureMethod::Manual;
+        p.settle(step(ChargeOutcome::Authorized {
+            charge_id: "pi_1".into(),
+            at: Timestamp::now(),
+        }));
+        p
+    }
+
+    fn hold_step(result: HoldOutcome) -> HoldStep {
+        HoldStep {
+            started_at: Timestamp::now(),
+            result,
+        }
+    }
+
+    #[test]
+    fn a_hold_is_captured_or_released_once_and_each_refuses_the_other_while_pending() {
+        let mut p = held(10000);
+        assert_eq!(p.status, PaymentStatus::Authorized);
+        assert_eq!(p.charged_amount(), 0);
+        let capture = p.request_capture(Amount::new(6000).ok()).unwrap();
+        assert_eq!(
+            capture,
+            HoldRequest::Run(HoldAction::Capture {
+                amount: Amount::new(6000).unwrap()
+            })
+        );
+        // While the capture is unsettled: a cancel is refused, a capture resumes it as asked.
+        assert!(matches!(
+            p.request_void(REASON_HOLD_CANCELED),
+            Err(PaymentError::HoldBusy { .. })
+        ));
+        assert_eq!(p.request_capture(None).unwrap(), capture);
+        p.settle_hold(hold_step(HoldOutcome::Unknown {
+            reason: "timeout".into(),
+            attempts: 3,
+        }))
+        .unwrap();
+        assert_eq!(p.status, PaymentStatus::Authorized);
+        assert_eq!(p.hold_action.as_ref().map(|h| h.attempts), Some(3));
+
+        p.settle_hold(hold_step(HoldOutcome::Captured {
+            amount: 6000,
+            at: Timestamp::now(),
+        }))
+        .unwrap();
+        assert_eq!(p.status, PaymentStatus::Completed);
+        assert_eq!(p.charged_amount(), 6000);
+        assert_eq!(p.request_capture(None).unwrap(), HoldRequest::Done);
+        assert!(matches!(
+            p.request_void(REASON_HOLD_CANCELED),
+            Err(PaymentError::NotAuthorized {
+                status: PaymentStatus::Completed,
+                ..
+            })
+        ));
+        // Refunds stop at the capture.
+        assert!(matches!(
+            p.refundable_amount(RefundAmount::Partial(Amount::new(6001).unwrap()), 0),
+            Err(PaymentError::InvalidRequest(_))
+        ));
+        assert_eq!(
+            p.refundable_amount(RefundAmount::Full, 0)
+                .unwrap()
+                .minor_units(),
+            6000
+        );
+    }
+
+    #[test]
+    fn a_hold_released_or_gone_is_canceled_and_a_refusal_leaves_it_held() {
+        let mut p = held(500);
+        assert!(matches!(
+            p.request_capture(Amount::new(501).ok()),
+            Err(PaymentError::CaptureExceedsHold { .. })
+        ));
+        assert!(p.hold_action.is_none());
+        p.request_void(REASON_HOLD_EXPIRED).unwrap();
+        assert!(matches!(
+            p.request_capture(None),
+            Err(PaymentError::HoldBusy { .. })
+        ));
+        let refused = p.settle_hold(hold_step(HoldOutcome::Rejected {
+            reason: "no".into(),
+        }));
+        assert!(matches!(refused, Err(PaymentError::HoldRejected { .. })));
+        assert_eq!(p.status, PaymentStatus::Authorized);
+        assert!(p.hold_action.is_none());
+
+        p.request_void(REASON_HOLD_EXPIRED).unwrap();
+        p.settle_hold(hold_step(HoldOutcome::Voided)).unwrap();
+        assert_eq!(p.status, PaymentStatus::Canceled);
+        assert_eq!(p.error_msg.as_deref(), Some(REASON_HOLD_EXPIRED));
+        assert_eq!(
+            p.request_void(REASON_HOLD_CANCELED).unwrap(),
+            HoldRequest::Done
+        );
+
+        let mut gone = held(500);
+        gone.request_capture(None).unwrap();
+        gone.settle_hold(hold_step(HoldOutcome::Gone {
+            reason: "released at the gateway".into(),
+        }))
+        .unwrap();
+        assert_eq!(gone.status, PaymentStatus::Canceled);
+
+        // Without manual capture there is no hold to act on.
+        let mut auto = pending(500);
+        auto.settle(step(ChargeOutcome::Charged {
+            charge_id: "ch_1".into(),
+            at: Timestamp::now(),
+        }));
+        let refused = auto.request_capture(None).unwrap_err().to_string();
+        assert!(refused.contains("no hold"), "{refused}");
     }
 }

@@ -19,6 +19,26 @@ pub const MAX_REASON_CHARS: usize = 1000;
 /// Longest `refundKey` accepted, in characters.
 pub const MAX_REFUND_KEY_CHARS: usize = 100;
 
+/// Whether a payment's charge takes the money at once or holds it for a capture.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+// Inline in the published schemas: Restate's OpenAPI document keeps no `$defs` of a body.
+#[schemars(inline)]
+pub enum CaptureMethod {
+    /// The charge takes the money (the seed's).
+    #[default]
+    Automatic,
+    /// The charge places a hold (`authorized`); `CapturePayment` takes it, `CancelPayment`
+    /// releases it, and a hold not captured in time is released by the service.
+    Manual,
+}
+
+impl CaptureMethod {
+    pub fn is_automatic(&self) -> bool {
+        *self == Self::Automatic
+    }
+}
+
 /// A valid request to create (and charge) a payment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewPayment {
@@ -26,12 +46,13 @@ pub struct NewPayment {
     pub currency: Currency,
     pub description: String,
     pub customer_id: String,
+    pub capture: CaptureMethod,
 }
 
 impl NewPayment {
     /// Parses a `CreatePayment` body: `amount` (required, integer minor units), `currency`
-    /// (absent, null or empty means USD, as in the seed), `description`, `customerId`.
-    /// Unknown fields are ignored.
+    /// (absent, null or empty means USD, as in the seed), `description`, `customerId`,
+    /// `capture` (`automatic`, the default, or `manual`). Unknown fields are ignored.
     pub fn parse(body: &[u8]) -> Result<Self, PaymentError> {
         let fields = parse_object(body, false)?;
         let amount = match fields.get("amount") {
@@ -56,7 +77,36 @@ impl NewPayment {
                 "customerId",
                 optional_string(&fields, "customerId", MAX_CUSTOMER_ID_CHARS)?.unwrap_or_default(),
             )?,
+            capture: match optional_string(&fields, "capture", 16)?.as_deref() {
+                None | Some("automatic") => CaptureMethod::Automatic,
+                Some("manual") => CaptureMethod::Manual,
+                Some(_) => {
+                    return Err(PaymentError::invalid(
+                        "capture must be \"automatic\" (the default) or \"manual\"",
+                    ));
+                }
+            },
         })
+    }
+}
+
+/// A valid request to capture a hold: how much of it, or all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureRequest {
+    /// `None`: the whole hold.
+    pub amount: Option<Amount>,
+}
+
+impl CaptureRequest {
+    /// Parses a `CapturePayment` body: an optional `amount` (absent or null: the whole hold).
+    /// An empty body captures the whole hold.
+    pub fn parse(body: &[u8]) -> Result<Self, PaymentError> {
+        let fields = parse_object(body, true)?;
+        let amount = match fields.get("amount") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(Amount::new(whole_units(value)?)?),
+        };
+        Ok(Self { amount })
     }
 }
 
@@ -128,6 +178,20 @@ pub struct CreatePaymentBody {
     /// The customer's identifier: no control characters.
     #[schemars(length(max = MAX_CUSTOMER_ID_CHARS), regex(pattern = NO_CONTROL_CHARACTERS))]
     pub customer_id: Option<String>,
+    /// `automatic` (absent or null: the default) takes the money at once; `manual` holds it
+    /// (`authorized`) for `CapturePayment`, or `CancelPayment`, within the hold's window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureMethod>,
+}
+
+/// Captures an authorized payment's hold, in full or in part; an absent body captures it all.
+/// Unknown fields are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CapturePaymentBody {
+    /// Minor units to capture, at most the amount held; absent or null captures all of it.
+    #[schemars(range(min = 1, max = super::MAX_AMOUNT))]
+    pub amount: Option<u64>,
 }
 
 /// Refunds a completed payment, in full or in part; an absent body refunds in full. Unknown
@@ -171,6 +235,15 @@ impl CreatePaymentBody {
             currency: Some("USD".to_owned()),
             description: None,
             customer_id: Some(customer_id.into()),
+            capture: None,
+        }
+    }
+
+    /// The same body with manual capture: a hold.
+    pub fn held(self) -> Self {
+        Self {
+            capture: Some(CaptureMethod::Manual),
+            ..self
         }
     }
 

@@ -177,6 +177,16 @@ impl PaymentId {
     pub fn void_refund_key(&self) -> String {
         format!("void:{}", self.0)
     }
+
+    /// The gateway idempotency key of this payment's capture (a hold is captured at most once).
+    pub fn capture_key(&self) -> String {
+        format!("capture:{}", self.0)
+    }
+
+    /// The gateway idempotency key of the release of this payment's hold.
+    pub fn void_hold_key(&self) -> String {
+        format!("void-hold:{}", self.0)
+    }
 }
 
 impl fmt::Display for PaymentId {
@@ -210,6 +220,12 @@ impl Timestamp {
     /// Milliseconds since the Unix epoch.
     pub fn unix_millis(self) -> i64 {
         (self.0.unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    /// `self` plus `d`, truncated to milliseconds; `None` out of the representable range.
+    pub fn checked_add(self, d: std::time::Duration) -> Option<Self> {
+        let millis = i64::try_from(d.as_millis()).ok()?;
+        Self::from_unix_millis(self.unix_millis().checked_add(millis)?)
     }
 
     /// Milliseconds from `earlier` to `self` (negative if `earlier` is later).

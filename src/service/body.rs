@@ -8,7 +8,7 @@ use bytes::Bytes;
 use restate_sdk::serde::{Deserialize, InputMetadata, PayloadMetadata, Serialize};
 use schemars::JsonSchema;
 
-use crate::payment::{CreatePaymentBody, NoInput, RefundPaymentBody};
+use crate::payment::{CapturePaymentBody, CreatePaymentBody, NoInput, RefundPaymentBody};
 
 /// A JSON request body, not yet parsed. `S` documents the expected shape: its JSON schema,
 /// and whether a body is required, are published to Restate (and so to the admin API's
@@ -54,6 +54,11 @@ impl BodyShape for CreatePaymentBody {
 
 /// No body refunds in full, with no reason.
 impl BodyShape for RefundPaymentBody {
+    const REQUIRED: bool = false;
+}
+
+/// No body captures the whole hold.
+impl BodyShape for CapturePaymentBody {
     const REQUIRED: bool = false;
 }
 

@@ -32,21 +32,24 @@
 //! `createdAt` until the charge step records it.
 
 mod body;
+mod hold;
 mod settle;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use restate_sdk::prelude::*;
 use tracing::{debug, error, info, warn};
 
 use crate::gateway::{
     Attempted, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway,
-    RefundRequest as GatewayRefund, VoidRequest, VoidResponse, refund_in_full, with_retries,
+    RefundRequest as GatewayRefund, VoidHoldRequest, VoidRequest, VoidResponse, refund_in_full,
+    with_retries,
 };
 use crate::payment::{
-    ChargeOutcome, ChargeStep, CreatePaymentBody, NewPayment, NoInput, Payment, PaymentError,
-    PaymentId, PaymentResult, PaymentStatus, Refund, RefundOutcome, RefundPaymentBody,
-    RefundRequest, RefundStatus, RefundStep, Timestamp, VoidOutcome,
+    CaptureMethod, CapturePaymentBody, ChargeOutcome, ChargeStep, CreatePaymentBody, NewPayment,
+    NoInput, Payment, PaymentError, PaymentId, PaymentResult, PaymentStatus, Refund, RefundOutcome,
+    RefundPaymentBody, RefundRequest, RefundStatus, RefundStep, Timestamp, VoidOutcome,
 };
 
 pub use body::JsonBody;
@@ -70,7 +73,11 @@ impl From<PaymentError> for TerminalError {
             PaymentError::NotRefundable { .. }
             | PaymentError::RefundRejected { .. }
             | PaymentError::RefundExceedsBalance { .. }
-            | PaymentError::TooManyRefunds { .. } => 409,
+            | PaymentError::TooManyRefunds { .. }
+            | PaymentError::NotAuthorized { .. }
+            | PaymentError::HoldBusy { .. }
+            | PaymentError::CaptureExceedsHold { .. }
+            | PaymentError::HoldRejected { .. } => 409,
             // Terminal all the same: a retry would decode the same bytes, forever, holding the
             // payment's lock.
             PaymentError::CorruptState { .. } => 500,
@@ -93,11 +100,24 @@ fn is_cancel(error: &TerminalError) -> bool {
 pub struct PaymentService {
     gateway: Arc<dyn PaymentGateway>,
     policy: SettlePolicy,
+    hold_expiry: Duration,
 }
 
+/// How long a hold waits for its capture by default: Stripe's card holds last 7 days.
+pub const DEFAULT_HOLD_EXPIRY: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
 impl PaymentService {
-    pub fn new(gateway: Arc<dyn PaymentGateway>, policy: SettlePolicy) -> Self {
-        Self { gateway, policy }
+    /// `hold_expiry`: how long after it is placed a hold not captured is released.
+    pub fn new(
+        gateway: Arc<dyn PaymentGateway>,
+        policy: SettlePolicy,
+        hold_expiry: Duration,
+    ) -> Self {
+        Self {
+            gateway,
+            policy,
+            hold_expiry,
+        }
     }
 }
 
@@ -134,7 +154,7 @@ impl PaymentService {
                 Ok(Some(payment))
                     if matches!(
                         payment.status,
-                        PaymentStatus::Pending | PaymentStatus::Failed
+                        PaymentStatus::Pending | PaymentStatus::Failed | PaymentStatus::Authorized
                     ) =>
                 {
                     Ok(Json(payment))
@@ -173,6 +193,42 @@ impl PaymentService {
         let result = self.refund(&mut ctx, body).await;
         log_refusal(&payment_id, &result);
         result.map(Json)
+    }
+
+    /// Captures the hold of an authorized payment, in full or in part, once.
+    #[handler(name = "CapturePayment", idempotency_retention = "7 days")]
+    async fn capture_payment(
+        &self,
+        mut ctx: ObjectContext<'_>,
+        body: JsonBody<CapturePaymentBody>,
+    ) -> Result<Json<Payment>, TerminalError> {
+        let payment_id = ctx.key().to_owned();
+        let result = self.capture(&mut ctx, body).await;
+        log_refusal(&payment_id, &result);
+        result.map(Json)
+    }
+
+    /// Releases the hold of an authorized payment, taking nothing.
+    #[handler(name = "CancelPayment", idempotency_retention = "7 days")]
+    async fn cancel_payment(
+        &self,
+        mut ctx: ObjectContext<'_>,
+        body: JsonBody<NoInput>,
+    ) -> Result<Json<Payment>, TerminalError> {
+        let payment_id = ctx.key().to_owned();
+        let result = self.cancel(&mut ctx, body).await;
+        log_refusal(&payment_id, &result);
+        result.map(Json)
+    }
+
+    /// Releases a hold still not captured when its window ends. Only the object calls it (a
+    /// delayed call to itself, sent when the hold is placed), never a client.
+    #[handler(name = "ExpireHold", ingress_private)]
+    async fn expire_hold(&self, mut ctx: ObjectContext<'_>) -> Result<(), TerminalError> {
+        let payment_id = ctx.key().to_owned();
+        let result = self.expire(&mut ctx).await;
+        log_refusal(&payment_id, &result);
+        result
     }
 
     /// Settles a charge or a refund whose outcome stayed unknown. Only the object calls it (a
@@ -257,6 +313,11 @@ impl PaymentService {
             Err(e) => return Err(e),
         };
         payment.settle(step);
+        if payment.status == PaymentStatus::Authorized {
+            payment.hold_expires_at = payment
+                .authorized_at
+                .and_then(|at| at.checked_add(self.hold_expiry));
+        }
         ctx.set(STATE_PAYMENT, Json(payment.clone()));
 
         match payment.status {
@@ -277,6 +338,21 @@ impl PaymentService {
                 })
                 .name("receipt")
                 .await?;
+            }
+            PaymentStatus::Authorized => {
+                let expires_at = payment.hold_expires_at.map(|at| at.to_string());
+                info!(
+                    payment_id = %id,
+                    amount = %payment.amount,
+                    currency = %payment.currency,
+                    customer_id = %payment.customer_id.escape_debug(),
+                    charge_id = payment.charge_id.as_deref(),
+                    hold_expires_at = expires_at.as_deref(),
+                    "payment authorized: held until captured, canceled or expired"
+                );
+                ctx.object_client::<PaymentServiceClient>(id.as_str())
+                    .expire_hold()
+                    .send_after(self.hold_expiry);
             }
             PaymentStatus::Pending => {
                 warn!(
@@ -327,6 +403,12 @@ impl PaymentService {
                             charge_id,
                             at: Timestamp::now(),
                         },
+                        Ok(ChargeResponse::Authorized { charge_id }) => {
+                            ChargeOutcome::Authorized {
+                                charge_id,
+                                at: Timestamp::now(),
+                            }
+                        }
                         Ok(ChargeResponse::Declined { reason }) => {
                             ChargeOutcome::Declined { reason }
                         }
@@ -344,6 +426,10 @@ impl PaymentService {
                         .await;
                     match result {
                         Ok(ChargeLookup::Charged { charge_id }) => ChargeOutcome::Charged {
+                            charge_id,
+                            at: Timestamp::now(),
+                        },
+                        Ok(ChargeLookup::Authorized { charge_id }) => ChargeOutcome::Authorized {
                             charge_id,
                             at: Timestamp::now(),
                         },
@@ -678,6 +764,16 @@ impl PaymentService {
             return Ok(());
         };
         let next = round.saturating_add(1);
+        if payment.status == PaymentStatus::Authorized
+            && let Some(pending) = &payment.hold_action
+        {
+            info!(payment_id = %id, round, "settling the hold's capture or release");
+            let action = pending.action.clone();
+            return self
+                .hold_and_store(ctx, &id, payment, action, next)
+                .await
+                .map(drop);
+        }
         if payment.status == PaymentStatus::Pending {
             info!(payment_id = %id, round, canceling = payment.canceling, "settling the charge");
             if payment.canceling {
@@ -735,6 +831,7 @@ fn charge_request(id: &PaymentId, payment: &Payment) -> ChargeRequest {
         amount: payment.amount.minor_units(),
         currency: payment.currency.as_str().to_owned(),
         customer_id: payment.customer_id.clone(),
+        manual_capture: payment.capture == CaptureMethod::Manual,
     }
 }
 
@@ -764,6 +861,21 @@ async fn void_by_lookup(
             };
         }
         Ok(ChargeLookup::Charged { charge_id }) => charge_id,
+        // A hold: released, nothing taken.
+        Ok(ChargeLookup::Authorized { charge_id }) => {
+            let released = with_retries(policy.retry, payment_id, "void hold", || {
+                gateway.void_hold(VoidHoldRequest {
+                    idempotency_key: request.refund_key.clone(),
+                    payment_id: payment_id.to_owned(),
+                    charge_id: charge_id.clone(),
+                })
+            })
+            .await;
+            return Attempted {
+                result: released.result.map(|()| VoidResponse::NothingCharged),
+                attempts: found.attempts + released.attempts,
+            };
+        }
     };
     let refunded = with_retries(policy.retry, payment_id, "void refund", || {
         refund_in_full(gateway, request, charge_id.clone())

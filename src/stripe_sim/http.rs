@@ -302,6 +302,12 @@ fn route(method: &Method, path: &str, body: &[u8], query: &str) -> Result<Route,
         (&Method::POST, ["v1", "payment_intents", id, "cancel"]) => Ok(Route::Post(Post::Cancel {
             intent: (*id).to_owned(),
         })),
+        (&Method::POST, ["v1", "payment_intents", id, "capture"]) => {
+            Ok(Route::Post(Post::Capture {
+                intent: (*id).to_owned(),
+                amount_to_capture: amount(&form(), "amount_to_capture")?,
+            }))
+        }
         (&Method::GET, ["v1", "payment_intents", "search"]) => {
             let query = query();
             let q = param(&query, "query")
@@ -349,20 +355,21 @@ fn metadata(form: &[(String, String)]) -> Metadata {
     )
 }
 
-fn amount(form: &[(String, String)]) -> Result<Option<u64>, ApiError> {
-    param(form, "amount")
+/// The positive integer `name` (an amount), if given.
+fn amount(form: &[(String, String)], name: &'static str) -> Result<Option<u64>, ApiError> {
+    param(form, name)
         .map(|a| {
             a.parse::<u64>()
                 .ok()
                 .filter(|&a| a > 0)
-                .ok_or_else(|| invalid(format!("Invalid positive integer: {a}"), Some("amount")))
+                .ok_or_else(|| invalid(format!("Invalid positive integer: {a}"), Some(name)))
         })
         .transpose()
 }
 
 fn create_intent(form: &[(String, String)]) -> Result<Post, ApiError> {
-    let amount =
-        amount(form)?.ok_or_else(|| invalid("Missing required param: amount.", Some("amount")))?;
+    let amount = amount(form, "amount")?
+        .ok_or_else(|| invalid("Missing required param: amount.", Some("amount")))?;
     let currency = param(form, "currency")
         .ok_or_else(|| invalid("Missing required param: currency.", Some("currency")))?;
     let currency = Currency::parse(currency)
@@ -384,6 +391,18 @@ fn create_intent(form: &[(String, String)]) -> Result<Post, ApiError> {
             Some("payment_method"),
         ));
     }
+    let capture_manual = match param(form, "capture_method") {
+        None | Some("automatic" | "automatic_async") => false,
+        Some("manual") => true,
+        Some(other) => {
+            return Err(invalid(
+                format!(
+                    "Invalid capture_method: must be one of automatic, automatic_async or manual, not {other}"
+                ),
+                Some("capture_method"),
+            ));
+        }
+    };
     let payment_method_types = form
         .iter()
         .filter(|(k, _)| k.starts_with("payment_method_types["))
@@ -396,6 +415,7 @@ fn create_intent(form: &[(String, String)]) -> Result<Post, ApiError> {
         payment_method,
         payment_method_types,
         metadata: metadata(form),
+        capture_manual,
     }))
 }
 
@@ -410,7 +430,7 @@ fn create_refund(form: &[(String, String)]) -> Result<Post, ApiError> {
         })?;
     Ok(Post::CreateRefund(CreateRefund {
         payment_intent: payment_intent.to_owned(),
-        amount: amount(form)?,
+        amount: amount(form, "amount")?,
         metadata: metadata(form),
     }))
 }
@@ -512,20 +532,21 @@ fn metadata_json(m: &Metadata) -> Value {
 pub fn intent_json(i: &Intent) -> Value {
     let id = i.id();
     let succeeded = i.status == model::IntentStatus::Succeeded;
-    let charged = succeeded || !i.refunds.is_empty();
+    let held = i.status == model::IntentStatus::RequiresCapture;
+    let charged = succeeded || held || !i.refunds.is_empty();
     json!({
         "id": id,
         "object": "payment_intent",
         "amount": i.amount,
-        "amount_capturable": 0,
+        "amount_capturable": if held { i.amount } else { 0 },
         "amount_details": {"tip": {}},
-        "amount_received": if succeeded { i.amount } else { 0 },
+        "amount_received": i.amount_received(),
         "application": null,
         "application_fee_amount": null,
         "automatic_payment_methods": null,
         "canceled_at": i.canceled_at,
         "cancellation_reason": null,
-        "capture_method": "automatic",
+        "capture_method": if i.capture_manual { "manual" } else { "automatic" },
         "client_secret": format!("{id}_secret_mock"),
         "confirmation_method": "automatic",
         "created": i.created,

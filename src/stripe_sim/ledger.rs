@@ -4,12 +4,14 @@
 //! state in SQLite and writes the same lines.
 //!
 //! Readers count what the gateway did from the lines that acted: `op` `charge` (a confirmation:
-//! money taken when `outcome` is `succeeded`) and `refund`, with `replay` false and `outcome`
-//! `succeeded` or `declined`. Lines of calls that did not act say so: `replay` (the key's first
-//! answer was repeated), `outcome` `rejected` (refused: a key reused with other parameters or
-//! still in use, a refund above what is left, a cancel of a succeeded intent) or `failed` (an
-//! injected 5xx, 429 or hang, before acting). Intents created without confirming (`op`
-//! `create`) and cancels (`op` `cancel`) move no money.
+//! money taken when `outcome` is `succeeded`), `capture` (a hold's money taken) and `refund`,
+//! with `replay` false and `outcome` `succeeded` or `declined`; `authorize` (a confirmation
+//! with manual capture) holds money and takes none. Lines of calls that did not act say so:
+//! `replay` (the key's first answer was repeated), `outcome` `rejected` (refused: a key reused
+//! with other parameters or still in use, a refund above what is left, a cancel of a succeeded
+//! intent) or `failed` (an injected 5xx, 429 or hang, before acting). Intents created without
+//! confirming (`op` `create`) and cancels (`op` `cancel`, a hold's release among them) move no
+//! money.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -27,8 +29,12 @@ pub enum LedgerOp {
     Refund,
     /// A PaymentIntent created without confirming: no money moves.
     Create,
-    /// A PaymentIntent cancelled.
+    /// A PaymentIntent cancelled (a hold among them: released).
     Cancel,
+    /// A PaymentIntent confirmed with manual capture: the money held, none taken.
+    Authorize,
+    /// A hold captured: money taken (`amount`, when it is less than the hold).
+    Capture,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

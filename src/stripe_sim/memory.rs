@@ -13,9 +13,9 @@
 //! in-process charge leaves) is a 16-byte [`Slim`] record, without its metadata (found by its
 //! payment ID's digest; the in-process gateway never reads that metadata back), and its
 //! refunds, if any, [`SlimRefund`]s beside it that keep only the refund's key (what
-//! `find_refund` reads back). Any other intent (open, declined, cancelled) is kept whole: its
-//! metadata decides a later confirmation's decline and names the payment in a cancel's ledger
-//! line.
+//! `find_refund` reads back). Any other intent (open, declined, cancelled, held for a manual
+//! capture) is kept whole: its metadata decides a later confirmation's decline and names the
+//! payment in a cancel's ledger line.
 //!
 //! What the ledger does not carry (a currency, metadata beyond the payment ID and a refund's
 //! key) comes back after a restart as `usd` and without it: the in-process gateway reads
@@ -166,7 +166,12 @@ impl MemoryStore {
             (Some(named), _) => {
                 Some(model::parse_intent_id(named).context("unreadable intent ID")?)
             }
-            (None, Some(id)) if matches!(e.op, LedgerOp::Charge | LedgerOp::Create) => {
+            (None, Some(id))
+                if matches!(
+                    e.op,
+                    LedgerOp::Charge | LedgerOp::Create | LedgerOp::Authorize
+                ) =>
+            {
                 Some(model::parse_intent_id(id).context("unreadable intent ID")?)
             }
             _ => None,
@@ -181,8 +186,10 @@ impl MemoryStore {
         };
         let mut intent = match self.get(&target) {
             Some(intent) => intent,
-            None if matches!(e.op, LedgerOp::Charge | LedgerOp::Create)
-                && e.outcome != LedgerOutcome::Rejected =>
+            None if matches!(
+                e.op,
+                LedgerOp::Charge | LedgerOp::Create | LedgerOp::Authorize
+            ) && e.outcome != LedgerOutcome::Rejected =>
             {
                 let metadata = Metadata::new(vec![("payment_id".into(), e.payment_id.clone())]);
                 Intent {
@@ -196,6 +203,8 @@ impl MemoryStore {
                     canceled_at: None,
                     declined: false,
                     refunds: Vec::new(),
+                    capture_manual: e.op == LedgerOp::Authorize,
+                    amount_captured: None,
                 }
             }
             // A call for an intent that was never there (404): nothing to rebuild.
@@ -209,7 +218,18 @@ impl MemoryStore {
                 intent.declined = false;
                 (AnswerKind::Intent, intent.refunds.len())
             }
-            (LedgerOp::Charge, LedgerOutcome::Declined) => {
+            (LedgerOp::Authorize, LedgerOutcome::Succeeded) => {
+                intent.capture_manual = true;
+                intent.status = IntentStatus::RequiresCapture;
+                intent.declined = false;
+                (AnswerKind::Intent, intent.refunds.len())
+            }
+            (LedgerOp::Capture, LedgerOutcome::Succeeded) => {
+                intent.status = IntentStatus::Succeeded;
+                intent.amount_captured = (e.amount < intent.amount).then_some(e.amount);
+                (AnswerKind::Intent, intent.refunds.len())
+            }
+            (LedgerOp::Charge | LedgerOp::Authorize, LedgerOutcome::Declined) => {
                 intent.status = IntentStatus::RequiresPaymentMethod;
                 intent.declined = true;
                 (AnswerKind::Declined, intent.refunds.len())
@@ -301,6 +321,8 @@ impl MemoryStore {
             canceled_at: None,
             declined: false,
             refunds,
+            capture_manual: false,
+            amount_captured: None,
         }
     }
 
@@ -309,6 +331,7 @@ impl MemoryStore {
         if intent.status != IntentStatus::Succeeded
             || intent.declined
             || intent.canceled_at.is_some()
+            || intent.capture_manual
         {
             return None;
         }

@@ -131,6 +131,8 @@ pub struct CreateIntent {
     pub payment_method: Option<String>,
     pub payment_method_types: Vec<String>,
     pub metadata: Metadata,
+    /// `capture_method=manual`: a confirmation holds the money until a capture.
+    pub capture_manual: bool,
 }
 
 /// `POST /v1/refunds`.
@@ -155,6 +157,11 @@ pub enum Post {
     Cancel {
         intent: String,
     },
+    /// `POST /v1/payment_intents/:id/capture`; no amount captures the whole hold.
+    Capture {
+        intent: String,
+        amount_to_capture: Option<u64>,
+    },
     CreateRefund(CreateRefund),
 }
 
@@ -174,6 +181,10 @@ impl Post {
                     h.field(t.as_bytes());
                 }
                 h.metadata(&c.metadata);
+                // Only when set, so that the digests of automatic captures stay as they were.
+                if c.capture_manual {
+                    h.field(b"capture_method=manual");
+                }
             }
             Post::Confirm {
                 intent,
@@ -187,6 +198,14 @@ impl Post {
                 h.field(b"cancel");
                 h.field(intent.as_bytes());
             }
+            Post::Capture {
+                intent,
+                amount_to_capture,
+            } => {
+                h.field(b"capture");
+                h.field(intent.as_bytes());
+                h.field(&amount_to_capture.map_or([0xff; 8], u64::to_le_bytes));
+            }
             Post::CreateRefund(r) => {
                 h.field(b"refunds");
                 h.field(r.payment_intent.as_bytes());
@@ -199,10 +218,12 @@ impl Post {
 
     fn ledger_op(&self) -> LedgerOp {
         match self {
+            Post::CreateIntent(c) if c.confirm && c.capture_manual => LedgerOp::Authorize,
             Post::CreateIntent(c) if c.confirm => LedgerOp::Charge,
             Post::CreateIntent(_) => LedgerOp::Create,
             Post::Confirm { .. } => LedgerOp::Charge,
             Post::Cancel { .. } => LedgerOp::Cancel,
+            Post::Capture { .. } => LedgerOp::Capture,
             Post::CreateRefund(_) => LedgerOp::Refund,
         }
     }
@@ -211,7 +232,9 @@ impl Post {
     fn target(&self) -> Option<&str> {
         match self {
             Post::CreateIntent(_) => None,
-            Post::Confirm { intent, .. } | Post::Cancel { intent } => Some(intent),
+            Post::Confirm { intent, .. }
+            | Post::Cancel { intent }
+            | Post::Capture { intent, .. } => Some(intent),
             Post::CreateRefund(r) => Some(&r.payment_intent),
         }
     }
@@ -222,6 +245,9 @@ impl Post {
         let (payment_id, amount) = match self {
             Post::CreateIntent(c) => (c.metadata.payment_id(), c.amount),
             Post::CreateRefund(r) => (r.metadata.payment_id(), r.amount.unwrap_or(0)),
+            Post::Capture {
+                amount_to_capture, ..
+            } => ("", amount_to_capture.unwrap_or(0)),
             Post::Confirm { .. } | Post::Cancel { .. } => ("", 0),
         };
         LedgerEntry {
@@ -648,7 +674,11 @@ impl<S: Store> Engine<S> {
                 AnswerKind::Declined,
             )
         } else {
-            intent.status = IntentStatus::Succeeded;
+            intent.status = if intent.capture_manual {
+                IntentStatus::RequiresCapture
+            } else {
+                IntentStatus::Succeeded
+            };
             intent.declined = false;
             (
                 Reply {
@@ -692,6 +722,8 @@ impl<S: Store> Engine<S> {
                 canceled_at: None,
                 declined: false,
                 refunds: Vec::new(),
+                capture_manual: c.capture_manual,
+                amount_captured: None,
             };
             let (reply, kind) = if c.confirm {
                 self.confirm(intent, None)
@@ -741,7 +773,7 @@ impl<S: Store> Engine<S> {
                 }
             }
             Post::Cancel { .. } => {
-                if !intent.status.open() {
+                if !intent.status.cancelable() {
                     let rec = record(AnswerKind::UnexpectedState, &intent, refunds(&intent));
                     (
                         error(unexpected(&intent, "cancel")),
@@ -759,6 +791,39 @@ impl<S: Store> Engine<S> {
                     (reply, Some(rec), Stored::Own(intent))
                 }
             }
+            Post::Capture {
+                amount_to_capture, ..
+            } => {
+                if intent.status != IntentStatus::RequiresCapture {
+                    let rec = record(AnswerKind::UnexpectedState, &intent, refunds(&intent));
+                    return Ok((
+                        error(unexpected(&intent, "capture")),
+                        Some(rec),
+                        Stored::Nothing,
+                    ));
+                }
+                let amount = amount_to_capture.unwrap_or(intent.amount);
+                if amount == 0 || amount > intent.amount {
+                    // A validation failure: no result kept under the key.
+                    let e = ApiError::invalid(
+                        Some("amount_too_large"),
+                        Some("amount_to_capture"),
+                        format!(
+                            "The amount to capture ({amount}) must be between 1 and the amount capturable ({}).",
+                            intent.amount
+                        ),
+                    );
+                    return Ok((error(e), None, Stored::Nothing));
+                }
+                intent.status = IntentStatus::Succeeded;
+                intent.amount_captured = (amount < intent.amount).then_some(amount);
+                let rec = record(AnswerKind::Intent, &intent, refunds(&intent));
+                let reply = Reply {
+                    body: Body::Intent(Box::new(intent.clone())),
+                    replay: false,
+                };
+                (reply, Some(rec), Stored::Own(intent))
+            }
             Post::CreateRefund(r) => {
                 if intent.status != IntentStatus::Succeeded {
                     let rec = record(AnswerKind::UnexpectedState, &intent, refunds(&intent));
@@ -771,7 +836,8 @@ impl<S: Store> Engine<S> {
                     };
                     return Ok((error(e), Some(rec), Stored::Nothing));
                 }
-                let left = intent.amount - intent.amount_refunded().min(intent.amount);
+                let received = intent.amount_received();
+                let left = received - intent.amount_refunded().min(received);
                 let asked = r.amount.unwrap_or(left);
                 if asked == 0 || asked > left || intent.refunds.len() >= usize::from(u16::MAX) {
                     let rec = record(AnswerKind::RefundTooLarge, &intent, refunds(&intent));
@@ -828,7 +894,7 @@ impl<S: Store> Engine<S> {
                     .iter()
                     .map(|r| r.amount)
                     .sum();
-                let left = intent.amount.saturating_sub(refunded);
+                let left = intent.amount_received().saturating_sub(refunded);
                 let asked = match post {
                     Post::CreateRefund(r) => r.amount.unwrap_or(left),
                     _ => 0,
@@ -840,6 +906,7 @@ impl<S: Store> Engine<S> {
                 let action = match post {
                     Post::Confirm { .. } => "confirm",
                     Post::Cancel { .. } => "cancel",
+                    Post::Capture { .. } => "capture",
                     _ => "refund",
                 };
                 Body::Error(ApiError::unexpected_state(&intent, action))
@@ -930,6 +997,10 @@ fn describe(line: &mut LedgerEntry, reply: &Reply) {
         }
     };
     if let Some(i) = intent {
+        // A confirmation with manual capture holds the money: it takes none.
+        if line.op == LedgerOp::Charge && i.status == IntentStatus::RequiresCapture {
+            line.op = LedgerOp::Authorize;
+        }
         if line.payment_id.is_empty() {
             line.payment_id = i.metadata.payment_id().to_owned();
         }

@@ -23,6 +23,8 @@ pub enum IntentStatus {
     RequiresConfirmation = 1,
     Succeeded = 2,
     Canceled = 3,
+    /// Confirmed with manual capture: the money is held, not taken, until a capture.
+    RequiresCapture = 4,
 }
 
 impl IntentStatus {
@@ -32,6 +34,7 @@ impl IntentStatus {
             Self::RequiresConfirmation => "requires_confirmation",
             Self::Succeeded => "succeeded",
             Self::Canceled => "canceled",
+            Self::RequiresCapture => "requires_capture",
         }
     }
 
@@ -41,16 +44,22 @@ impl IntentStatus {
             1 => Self::RequiresConfirmation,
             2 => Self::Succeeded,
             3 => Self::Canceled,
+            4 => Self::RequiresCapture,
             _ => return None,
         })
     }
 
-    /// Whether the intent can still be confirmed or cancelled.
+    /// Whether the intent can still be confirmed.
     pub fn open(self) -> bool {
         matches!(
             self,
             Self::RequiresPaymentMethod | Self::RequiresConfirmation
         )
+    }
+
+    /// Whether the intent can be cancelled: still open, or a hold not captured.
+    pub fn cancelable(self) -> bool {
+        self.open() || self == Self::RequiresCapture
     }
 }
 
@@ -143,6 +152,12 @@ pub struct Intent {
     /// The last confirmation was declined (`last_payment_error`).
     pub declined: bool,
     pub refunds: Vec<Refund>,
+    /// Created with `capture_method=manual`: a confirmation places a hold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub capture_manual: bool,
+    /// What a capture took, when it took less than the whole amount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount_captured: Option<u64>,
 }
 
 impl Intent {
@@ -152,6 +167,15 @@ impl Intent {
 
     pub fn amount_refunded(&self) -> u64 {
         self.refunds.iter().map(|r| r.amount).sum()
+    }
+
+    /// What the intent took (Stripe's `amount_received`): the whole amount once succeeded,
+    /// unless a capture took less.
+    pub fn amount_received(&self) -> u64 {
+        match self.status {
+            IntentStatus::Succeeded => self.amount_captured.unwrap_or(self.amount),
+            _ => 0,
+        }
     }
 
     /// The intent as it was when an answer with `status` was given (for a replay).

@@ -27,6 +27,7 @@ fn create(payment: &str, amount: u64, confirm: bool, pm: &str) -> Post {
         payment_method: Some(pm.into()),
         payment_method_types: vec!["card".into()],
         metadata: Metadata::new(vec![("payment_id".into(), payment.into())]),
+        capture_manual: false,
     })
 }
 
@@ -365,4 +366,133 @@ async fn the_ledger_rebuilds_keys_intents_and_refunds_and_marks_what_did_not_act
     assert!(lines[3].replay);
     assert_eq!(lines[2].error.as_deref(), Some("idempotency_error"));
     assert_eq!(lines[1].intent.as_deref(), Some(i.id().as_str()));
+}
+
+fn hold(payment: &str, amount: u64) -> Post {
+    match create(payment, amount, true, "pm_card_visa") {
+        Post::CreateIntent(c) => Post::CreateIntent(CreateIntent {
+            capture_manual: true,
+            ..c
+        }),
+        _ => unreachable!(),
+    }
+}
+
+fn capture(intent: &str, amount: Option<u64>) -> Post {
+    Post::Capture {
+        intent: intent.into(),
+        amount_to_capture: amount,
+    }
+}
+
+fn intent_of(reply: &Reply) -> &Intent {
+    reply
+        .intent()
+        .unwrap_or_else(|| panic!("no intent: {reply:?}"))
+}
+
+#[tokio::test]
+async fn a_hold_is_captured_once_refunded_up_to_the_capture_and_never_also_cancelled() {
+    let s = sim(SimConfig::default());
+    let held = s.post("h", hold("p", 1000)).await;
+    let id = intent_of(&held).id();
+    assert_eq!(intent_of(&held).status, IntentStatus::RequiresCapture);
+    assert_eq!(intent_of(&held).amount_received(), 0);
+    // Nothing taken yet: nothing to refund.
+    let early = s.post("r0", refund(&id, None)).await;
+    assert_eq!(error(&early).code, Some("payment_intent_unexpected_state"));
+    // More than held: refused, and not kept under the key.
+    let over = s.post("c", capture(&id, Some(1001))).await;
+    assert_eq!(error(&over).code, Some("amount_too_large"));
+
+    let captured = s.post("c", capture(&id, Some(600))).await;
+    assert_eq!(intent_of(&captured).status, IntentStatus::Succeeded);
+    assert_eq!(intent_of(&captured).amount_received(), 600);
+    let again = s.post("c", capture(&id, Some(600))).await;
+    assert!(again.replay && again.body == captured.body, "{again:?}");
+    let twice = s.post("c2", capture(&id, None)).await;
+    assert_eq!(error(&twice).code, Some("payment_intent_unexpected_state"));
+    let cancel = s.post("x", Post::Cancel { intent: id.clone() }).await;
+    assert_eq!(error(&cancel).code, Some("payment_intent_unexpected_state"));
+
+    let too_much = s.post("r1", refund(&id, Some(601))).await;
+    assert_eq!(error(&too_much).code, Some("amount_too_large"));
+    assert!(
+        matches!(s.post("r2", refund(&id, None)).await.body, Body::Refund(r) if r.amount == 600)
+    );
+
+    // Released: it cannot be captured after.
+    let other = s.post("h2", hold("q", 500)).await;
+    let other = intent_of(&other).id();
+    let released = s
+        .post(
+            "x2",
+            Post::Cancel {
+                intent: other.clone(),
+            },
+        )
+        .await;
+    assert_eq!(intent_of(&released).status, IntentStatus::Canceled);
+    let late = s.post("c3", capture(&other, None)).await;
+    assert_eq!(error(&late).code, Some("payment_intent_unexpected_state"));
+}
+
+#[tokio::test]
+async fn the_ledger_rebuilds_holds_and_their_captures() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.jsonl");
+    let open = || {
+        Arc::new(
+            Engine::new(
+                MemoryStore::open(&path, DEFAULT_KEY_RETENTION, (system_clock())()).unwrap(),
+                SimConfig::default(),
+            )
+            .unwrap(),
+        )
+    };
+    let post = |e: &Arc<Engine<MemoryStore>>, key: &str, p: Post| {
+        let e = Arc::clone(e);
+        let key = key.to_owned();
+        async move { e.post(Some(key), p, Duration::ZERO, false).await.unwrap() }
+    };
+    let e = open();
+    let a = intent_of(&post(&e, "ha", hold("a", 1000)).await).id();
+    let b = intent_of(&post(&e, "hb", hold("b", 800)).await).id();
+    post(&e, "ca", capture(&a, Some(400))).await;
+    drop(e);
+
+    let e = open();
+    let a_now = e.retrieve(a.clone()).await.unwrap().unwrap();
+    assert_eq!(
+        (a_now.status, a_now.amount_received()),
+        (IntentStatus::Succeeded, 400)
+    );
+    let b_now = e.retrieve(b.clone()).await.unwrap().unwrap();
+    assert_eq!(b_now.status, IntentStatus::RequiresCapture);
+    assert!(b_now.capture_manual);
+    // The capture's key replays; the refund cap is the capture's.
+    assert!(post(&e, "ca", capture(&a, Some(400))).await.replay);
+    let over = post(&e, "ra", refund(&a, Some(401))).await;
+    assert_eq!(error(&over).code, Some("amount_too_large"));
+    assert!(
+        matches!(post(&e, "cb", capture(&b, None)).await.body, Body::Intent(i) if i.amount_received() == 800)
+    );
+
+    let ops: Vec<_> = crate::gateway::read_ledger(&path)
+        .unwrap()
+        .entries
+        .iter()
+        .filter(|l| l.acted())
+        .map(|l| (l.op, l.amount))
+        .collect();
+    use LedgerOp::*;
+    assert_eq!(
+        ops,
+        vec![
+            (Authorize, 1000),
+            (Authorize, 800),
+            (Capture, 400),
+            (Capture, 800)
+        ]
+    );
 }

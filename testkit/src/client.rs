@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use payment_service::payment::{
-    CreatePaymentBody, Payment, PaymentResult, Refund, RefundPaymentBody,
+    CapturePaymentBody, CreatePaymentBody, Payment, PaymentResult, Refund, RefundPaymentBody,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -29,6 +29,8 @@ pub const SERVICE: &str = "PaymentService";
 pub const CREATE: &str = "CreatePayment";
 pub const GET: &str = "GetPayment";
 pub const REFUND: &str = "RefundPayment";
+pub const CAPTURE: &str = "CapturePayment";
+pub const CANCEL: &str = "CancelPayment";
 
 /// One HTTP attempt.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -215,6 +217,14 @@ impl PaymentClient {
 
     pub async fn refund_payment(&self, id: &str, body: &RefundPaymentBody) -> Reply<Refund> {
         self.call(0, id, REFUND, body).await
+    }
+
+    pub async fn capture_payment(&self, id: &str, body: &CapturePaymentBody) -> Reply<Payment> {
+        self.call(0, id, CAPTURE, body).await
+    }
+
+    pub async fn cancel_payment(&self, id: &str) -> Reply<Payment> {
+        self.call(0, id, CANCEL, &serde_json::json!({})).await
     }
 
     /// `handler` of payment `id` with a JSON body, first through ingress `first`; the answer

@@ -16,8 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use payment_service::gateway::MockConfig;
 use payment_service::payment::{
-    CreatePaymentBody, Payment, PaymentResult, PaymentStatus, Refund, RefundPaymentBody,
-    RefundStatus, Timestamp,
+    CapturePaymentBody, CreatePaymentBody, Payment, PaymentResult, PaymentStatus, Refund,
+    RefundPaymentBody, RefundStatus, Timestamp,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -171,6 +171,26 @@ impl TestApp {
 
     pub fn refund(&self, id: &str, body: &RefundPaymentBody) -> Answer<Refund> {
         self.answered(id, self.run(self.api().refund_payment(id, body)))
+    }
+
+    /// `CapturePayment` of `amount` (`None`: the whole hold).
+    pub fn capture(&self, id: &str, amount: Option<u64>) -> Answer<Payment> {
+        let body = CapturePaymentBody { amount };
+        self.answered(id, self.run(self.api().capture_payment(id, &body)))
+    }
+
+    pub fn cancel(&self, id: &str) -> Answer<Payment> {
+        self.answered(id, self.run(self.api().cancel_payment(id)))
+    }
+
+    /// Creates a payment of `amount` with manual capture that must be held; its answer.
+    #[track_caller]
+    pub fn authorized_payment(&self, id: &str, amount: u64) -> PaymentResult {
+        let body = CreatePaymentBody::new(amount, "cust-test").held();
+        match self.create_payment(id, &body) {
+            Answer::Ok(held) if held.status == PaymentStatus::Authorized => held,
+            other => panic!("CreatePayment {id} with manual capture: {other:?}"),
+        }
     }
 
     /// A handler with a body the wire types cannot write (e.g. a field left out, not `null`).
@@ -353,6 +373,7 @@ pub fn seed_payment() -> CreatePaymentBody {
         currency: Some("USD".into()),
         description: Some("Premium subscription".into()),
         customer_id: Some("cust-alice".into()),
+        capture: None,
     }
 }
 

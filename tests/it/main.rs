@@ -11,6 +11,7 @@ mod errors;
 mod gateway_faults;
 mod gateway_process;
 mod helpers;
+mod holds;
 mod limits;
 mod logging;
 mod mock_gateway;

@@ -246,6 +246,7 @@ fn the_stripe_adapter_voids_a_charge_that_went_through_or_reports_its_refund_ref
         amount: 2500,
         currency: "USD".to_owned(),
         customer_id: "cust-1".to_owned(),
+        manual_capture: false,
     };
     let void = |payment_id: &str| VoidRequest {
         charge: charge(payment_id),

@@ -49,7 +49,7 @@ fn refunds_with_keys_are_made_once_each_and_never_exceed_the_payment() {
         app.refund(&id, &keyed_refund_body("b", "too much", Some(8000))),
         409,
     );
-    assert!(message.contains("7000 of its 10000"), "{message}");
+    assert!(message.contains("7000 of the 10000 charged"), "{message}");
     assert_eq!(app.payment(&id).amount_refunded, 3000);
 
     // No amount: all that is left.
@@ -103,7 +103,7 @@ fn the_seeds_refund_keeps_its_contract_beside_refunds_with_keys() {
         app.refund(&id, &refund_body("too much", Some(5000))),
         409,
     );
-    assert!(message.contains("4000 of its 10000"), "{message}");
+    assert!(message.contains("4000 of the 10000 charged"), "{message}");
     let one = ok(
         "the one refund",
         app.refund(&id, &refund_body("partial", Some(1000))),
@@ -178,7 +178,7 @@ fn refunds_with_keys_whose_answers_are_lost_are_settled_each_with_its_amount() {
         app.refund(&id, &keyed_refund_body("b", "too much", Some(4001))),
         409,
     );
-    assert!(message.contains("4000 of its 5000"), "{message}");
+    assert!(message.contains("4000 of the 5000 charged"), "{message}");
     let b = ok(
         "refund b",
         app.refund(&id, &keyed_refund_body("b", "two", Some(1500))),

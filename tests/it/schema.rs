@@ -8,8 +8,8 @@
 
 use bytes::Bytes;
 use payment_service::payment::{
-    CreatePaymentBody, MAX_AMOUNT, NewPayment, NoInput, PaymentError, RefundPaymentBody,
-    RefundRequest,
+    CapturePaymentBody, CaptureRequest, CreatePaymentBody, MAX_AMOUNT, NewPayment, NoInput,
+    PaymentError, RefundPaymentBody, RefundRequest,
 };
 use payment_service::service::JsonBody;
 use restate_sdk::serde::PayloadMetadata;
@@ -101,6 +101,15 @@ fn refund_payment_parses_what_its_schema_allows() {
 }
 
 #[test]
+fn capture_payment_parses_what_its_schema_allows() {
+    at_the_parser(
+        "CapturePayment",
+        published::<CapturePaymentBody>(),
+        CaptureRequest::parse,
+    );
+}
+
+#[test]
 fn get_payment_parses_what_its_schema_allows() {
     at_the_parser("GetPayment", published::<NoInput>(), NoInput::parse);
 }
@@ -147,6 +156,19 @@ fn the_ingress_answers_as_the_published_schemas_say() {
         let id = unique_id("schema-refund");
         app.completed_payment(&id, MAX_AMOUNT);
         id
+    });
+
+    // Each capture and cancel its own hold, of the largest amount.
+    let held = |prefix: &str| {
+        let id = unique_id(prefix);
+        app.authorized_payment(&id, MAX_AMOUNT);
+        id
+    };
+    check("CapturePayment", &schema("CapturePayment"), &|| {
+        held("schema-capture")
+    });
+    check("CancelPayment", &schema("CancelPayment"), &|| {
+        held("schema-cancel")
     });
 
     let id = unique_id("schema-get");

@@ -57,6 +57,7 @@ fn charge_request(amount: u64) -> ChargeRequest {
         amount,
         currency: "USD".to_owned(),
         customer_id: "cus-conformance".to_owned(),
+        manual_capture: false,
     }
 }
 

@@ -166,6 +166,7 @@ fn sequential_duplicate_returns_the_same_result_and_charges_once() {
         currency: Some("EUR".into()),
         description: Some("Book".into()),
         customer_id: Some("cust-bob".into()),
+        capture: None,
     };
 
     let first = ok("CreatePayment", app.create_payment(&id, &body));
@@ -200,6 +201,7 @@ fn sequential_duplicate_returns_the_same_result_and_charges_once() {
         currency: Some("USD".into()),
         description: Some("other".into()),
         customer_id: Some("cust-eve".into()),
+        capture: None,
     };
     let conflict = app
         .create_payment(&id, &other)

@@ -694,7 +694,9 @@ impl PaymentAudit<'_> {
             PaymentStatus::Completed => f.completed += 1,
             PaymentStatus::Failed => f.failed += 1,
             PaymentStatus::Refunded | PaymentStatus::PartiallyRefunded => f.refunded += 1,
-            PaymentStatus::Pending | PaymentStatus::Canceled => f.other_status += 1,
+            PaymentStatus::Pending | PaymentStatus::Canceled | PaymentStatus::Authorized => {
+                f.other_status += 1
+            }
         }
         // Unknown at some point, and settled by the service itself (a pending one is a
         // violation of its own).
@@ -808,7 +810,10 @@ impl PaymentAudit<'_> {
                 ),
                 _ => {}
             },
-            PaymentStatus::Pending => f.violation(id, Kind::Unsettled { status: end.status }),
+            // The plan places no holds: a payment held, or still pending, is unsettled.
+            PaymentStatus::Pending | PaymentStatus::Authorized => {
+                f.violation(id, Kind::Unsettled { status: end.status })
+            }
         }
         if end.status != PaymentStatus::Failed && charged.is_none() && self.gw.declined {
             f.violation(id, Kind::DeclinedButNotFailed { status: end.status });

@@ -57,6 +57,7 @@ async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
         currency: Some("USD".into()),
         description: Some("crash test".into()),
         customer_id: Some(plan.customer.clone()),
+        capture: None,
     };
     let creates = (0..plan.creates).map(|k| {
         let (client, id, body) = (client.clone(), plan.id.clone(), body.clone());
