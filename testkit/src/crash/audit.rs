@@ -9,13 +9,14 @@ use std::fmt;
 use payment_service::gateway::{LedgerEntry, LedgerOp, LedgerOutcome};
 use payment_service::payment::model::MSG_ALREADY_PROCESSED;
 use payment_service::payment::{
-    Payment, PaymentId, PaymentResult, PaymentStatus, Refund, RefundStatus,
+    CaptureMethod, Payment, PaymentId, PaymentResult, PaymentStatus, REASON_HOLD_EXPIRED, Refund,
+    RefundStatus,
 };
 use payment_service::stripe_sim::LedgerFault;
 
-use super::plan::{Params, PaymentPlan};
+use super::plan::{HoldEnd, Params, PaymentPlan};
 use crate::admin::Invocation;
-use crate::client::{Answer, REFUND};
+use crate::client::{Answer, CANCEL, CAPTURE, REFUND};
 use crate::stack::PROBE_PREFIX;
 
 pub use crate::client::Reply;
@@ -28,6 +29,8 @@ pub struct PaymentLog {
     pub refunds: Vec<(Option<u64>, Reply<Refund>)>,
     /// (refund key, answer) of the refunds in parts.
     pub keyed_refunds: Vec<(String, Reply<Refund>)>,
+    /// (handler, answer) of a hold's CapturePayment and CancelPayment calls.
+    pub holds: Vec<(&'static str, Reply<Payment>)>,
     /// GetPayment right after the CreatePayment answers.
     pub get: Option<Reply<Payment>>,
 }
@@ -226,6 +229,28 @@ pub enum Kind {
     /// The gateway's faults left no outcome unknown that the service then settled by itself
     /// (no payment or refund ended with `attempts` > 0): the run proved nothing about them.
     NoUnknownSettled,
+    /// A hold captured more than once, or both captured and released.
+    HoldSettledTwice {
+        captures: usize,
+        releases: usize,
+    },
+    /// A hold neither captured nor released at the gateway by the end.
+    HoldLeft {
+        line: String,
+    },
+    /// The payment's state disagrees with what the gateway did to its hold.
+    HoldStateMismatch {
+        status: PaymentStatus,
+        amount_captured: u64,
+        gateway: String,
+    },
+    /// A CapturePayment or CancelPayment answered with what did not happen, or refused when it
+    /// should have been answered.
+    HoldToldOtherwise {
+        handler: &'static str,
+        told: String,
+        status: PaymentStatus,
+    },
 }
 
 impl Kind {
@@ -272,6 +297,10 @@ impl Kind {
             Kind::VoidRefundNotCanceled { .. } => "void-refund-not-canceled",
             Kind::RefundUnsettled { .. } => "refund-unsettled",
             Kind::NoUnknownSettled => "no-unknown-settled",
+            Kind::HoldSettledTwice { .. } => "hold-settled-twice",
+            Kind::HoldLeft { .. } => "hold-left",
+            Kind::HoldStateMismatch { .. } => "hold-state-mismatch",
+            Kind::HoldToldOtherwise { .. } => "hold-told-otherwise",
         }
     }
 }
@@ -311,6 +340,11 @@ pub struct Findings {
     pub settled_unknown_refunds: usize,
     /// Clients answered `pending` (CreatePayment, RefundPayment) before the outcome was known.
     pub pending_answers: usize,
+    /// Holds that ended captured, released by CancelPayment, and released when their window
+    /// ended.
+    pub holds_captured: usize,
+    pub holds_canceled: usize,
+    pub holds_expired: usize,
     pub violations: Vec<Violation>,
 }
 
@@ -379,6 +413,9 @@ struct GatewayView<'a> {
     void_refund: bool,
     /// The refunds made with refund keys (gateway keys `refund:<id>:r<n>`), in ledger order.
     keyed: Vec<&'a LedgerEntry>,
+    /// A hold's captures and releases (cancels of the held intent), acted.
+    captures: Vec<&'a LedgerEntry>,
+    releases: Vec<&'a LedgerEntry>,
 }
 
 impl<'a> GatewayView<'a> {
@@ -392,8 +429,15 @@ impl<'a> GatewayView<'a> {
                 .filter(|e| e.op == op && e.outcome == outcome && !e.replay)
                 .collect()
         };
-        let charged = acted(LedgerOp::Charge, LedgerOutcome::Succeeded);
-        let declined = acted(LedgerOp::Charge, LedgerOutcome::Declined);
+        // A hold is the payment's charge here: its money is taken by its capture.
+        let charged = [LedgerOp::Charge, LedgerOp::Authorize]
+            .into_iter()
+            .flat_map(|op| acted(op, LedgerOutcome::Succeeded))
+            .collect::<Vec<_>>();
+        let declined = [LedgerOp::Charge, LedgerOp::Authorize]
+            .into_iter()
+            .flat_map(|op| acted(op, LedgerOutcome::Declined))
+            .collect::<Vec<_>>();
         let keyed_prefix = format!("refund:{id}:r");
         let (keyed, refunded): (Vec<&LedgerEntry>, Vec<&LedgerEntry>) =
             acted(LedgerOp::Refund, LedgerOutcome::Succeeded)
@@ -404,7 +448,7 @@ impl<'a> GatewayView<'a> {
             if e.op == LedgerOp::Refund && e.outcome == LedgerOutcome::Declined {
                 f.violation(id, Kind::UnexpectedLedgerLine { line: show(e) });
             }
-            if e.op == LedgerOp::Charge && e.amount != plan.amount {
+            if matches!(e.op, LedgerOp::Charge | LedgerOp::Authorize) && e.amount != plan.amount {
                 f.violation(
                     id,
                     Kind::ChargedOtherAmount {
@@ -493,19 +537,40 @@ impl<'a> GatewayView<'a> {
                 );
             }
         }
+        let charge_id = charged.first().and_then(|e| e.id.clone());
+        let captures = acted(LedgerOp::Capture, LedgerOutcome::Succeeded);
+        let releases: Vec<&LedgerEntry> = acted(LedgerOp::Cancel, LedgerOutcome::Succeeded)
+            .into_iter()
+            .filter(|e| charge_id.is_some() && e.intent == charge_id)
+            .collect();
+        if captures.len() > 1 || (!captures.is_empty() && !releases.is_empty()) {
+            f.violation(
+                id,
+                Kind::HoldSettledTwice {
+                    captures: captures.len(),
+                    releases: releases.len(),
+                },
+            );
+        }
+        let held = charged.iter().find(|e| e.op == LedgerOp::Authorize);
+        if let Some(held) = held.filter(|_| captures.is_empty() && releases.is_empty()) {
+            f.violation(id, Kind::HoldLeft { line: show(held) });
+        }
         let refused = lines.iter().any(|e| {
-            e.op == LedgerOp::Charge
+            matches!(e.op, LedgerOp::Charge | LedgerOp::Authorize)
                 && e.outcome == LedgerOutcome::Rejected
                 && e.fault.is_none()
                 && e.error.as_deref() != Some(KEY_IN_USE)
         });
         Self {
-            charge_id: charged.first().and_then(|e| e.id.clone()),
+            charge_id,
             declined: !declined.is_empty(),
             refused,
             refund,
             void_refund,
             keyed,
+            captures,
+            releases,
         }
     }
 }
@@ -658,14 +723,24 @@ fn audit_invocations(plans: &[PaymentPlan], end: &EndState, f: &mut Findings) {
         )
         .map(|(plan, _)| plan.id.as_str())
         .collect();
+    // A hold's captures and cancels refuse each other, and a late one meets the expiry.
+    let holds: BTreeSet<&str> = plans
+        .iter()
+        .filter(|p| p.hold.is_some())
+        .map(|p| p.id.as_str())
+        .collect();
     for inv in &end.failed_invocations {
         let key = inv.target_service_key.as_str();
         let failure = inv.completion_failure.as_deref().unwrap_or("?");
+        let handler = inv.target_handler_name.as_str();
         if key.starts_with(PROBE_PREFIX) && failure.starts_with("[404]") {
             f.probe_404s += 1;
-        } else if inv.target_handler_name == REFUND
+        } else if (handler == REFUND
             && failure.starts_with("[409]")
-            && (failed_payments.contains(key) || in_parts.contains(key))
+            && (failed_payments.contains(key) || in_parts.contains(key)))
+            || (matches!(handler, CAPTURE | CANCEL)
+                && failure.starts_with("[409]")
+                && holds.contains(key))
         {
             f.expected_409s += 1;
         } else {
@@ -730,6 +805,7 @@ impl PaymentAudit<'_> {
             );
         }
         self.check_keyed_refunds(end, f);
+        self.check_hold(end, f);
         self.check_creates(end, f);
         self.check_refund_clients(end, f);
         self.check_keyed_refund_clients(end, f);
@@ -823,12 +899,14 @@ impl PaymentAudit<'_> {
     /// The refund: ledger ⇔ status ⇔ stored refund.
     fn check_refund(&self, end: &Payment, f: &mut Findings) {
         let id = self.plan.id.as_str();
-        // A canceled payment whose charge had gone through is refunded in full.
+        // A canceled payment whose charge had gone through is refunded in full; a canceled hold
+        // (its charge ID the hold released) took nothing to refund.
         let canceled = end.status == PaymentStatus::Canceled;
+        let released = canceled && end.capture == CaptureMethod::Manual;
         let refunded = matches!(
             end.status,
             PaymentStatus::Refunded | PaymentStatus::PartiallyRefunded
-        ) || (canceled && end.charge_id.is_some());
+        ) || (canceled && !released && end.charge_id.is_some());
         if let Some(r) = self.gw.refund.filter(|_| self.gw.void_refund && !canceled) {
             f.violation(
                 id,
@@ -981,11 +1059,13 @@ impl PaymentAudit<'_> {
     /// What the CreatePayment clients were told.
     fn check_creates(&self, end: &Payment, f: &mut Findings) {
         let id = self.plan.id.as_str();
-        // A refunded payment was completed when its creates were answered.
+        // A refunded payment was completed when its creates were answered; a hold was
+        // authorized (or, answered after it, as it ended).
         let told_status = match end.status {
             PaymentStatus::Refunded | PaymentStatus::PartiallyRefunded => PaymentStatus::Completed,
             status => status,
         };
+        let hold = self.plan.hold.is_some() && end.status != PaymentStatus::Failed;
         let mut fresh = 0;
         for answer in &self.log.creates {
             match answer {
@@ -997,7 +1077,8 @@ impl PaymentAudit<'_> {
                 }
                 Ok(Answer::Ok(a)) => {
                     fresh += usize::from(a.message != MSG_ALREADY_PROCESSED);
-                    if a.status != told_status || a.charge_id != end.charge_id {
+                    let as_held = hold && a.status == PaymentStatus::Authorized;
+                    if (a.status != told_status && !as_held) || a.charge_id != end.charge_id {
                         f.violation(
                             id,
                             Kind::CreateToldOtherwise {
@@ -1026,6 +1107,93 @@ impl PaymentAudit<'_> {
         }
         if fresh > 1 {
             f.violation(id, Kind::SeveralFreshAnswers { n: fresh });
+        }
+    }
+
+    /// A hold: the end state against what the gateway did to it (captured once, as asked, or
+    /// released, never both), and what its clients were told.
+    fn check_hold(&self, end: &Payment, f: &mut Findings) {
+        let Some(hold) = &self.plan.hold else {
+            return;
+        };
+        let id = self.plan.id.as_str();
+        let (captures, releases) = (&self.gw.captures, &self.gw.releases);
+        let asked = match hold.end {
+            HoldEnd::Capture(amount) | HoldEnd::Race(amount) => amount.unwrap_or(self.plan.amount),
+            HoldEnd::CancelPayment | HoldEnd::Expire => 0,
+        };
+        let agrees = match end.status {
+            PaymentStatus::Completed => {
+                f.holds_captured += 1;
+                end.capture == CaptureMethod::Manual
+                    && releases.is_empty()
+                    && captures
+                        .first()
+                        .is_some_and(|c| c.amount == end.amount_captured)
+                    && end.amount_captured == asked
+            }
+            PaymentStatus::Canceled => {
+                if end.error_msg.as_deref() == Some(REASON_HOLD_EXPIRED) {
+                    f.holds_expired += 1;
+                } else {
+                    f.holds_canceled += 1;
+                }
+                captures.is_empty() && !releases.is_empty()
+            }
+            // Declined (checked with the charge), or left held or pending (unsettled).
+            PaymentStatus::Failed | PaymentStatus::Authorized | PaymentStatus::Pending => {
+                captures.is_empty()
+            }
+            PaymentStatus::Refunded | PaymentStatus::PartiallyRefunded => false,
+        };
+        if !agrees {
+            let lines: Vec<String> = captures.iter().chain(releases).map(|e| show(e)).collect();
+            f.violation(
+                id,
+                Kind::HoldStateMismatch {
+                    status: end.status,
+                    amount_captured: end.amount_captured,
+                    gateway: format!("asked {asked}; {}", lines.join("; ")),
+                },
+            );
+        }
+        for (handler, answer) in &self.log.holds {
+            let won = if *handler == CAPTURE {
+                PaymentStatus::Completed
+            } else {
+                PaymentStatus::Canceled
+            };
+            let told = |told: String| Kind::HoldToldOtherwise {
+                handler,
+                told,
+                status: end.status,
+            };
+            match answer {
+                Ok(Answer::Ok(p)) => {
+                    // Answered before the gateway's answer was known: settled later.
+                    let unknown = p.status == PaymentStatus::Authorized
+                        && p.hold_action.as_ref().is_some_and(|h| h.attempts > 0);
+                    let same = p.status == end.status && p.amount_captured == end.amount_captured;
+                    if unknown {
+                        f.pending_answers += 1;
+                    } else if end.status != won || !same {
+                        f.violation(id, told(format!("{:?} {}", p.status, p.amount_captured)));
+                    }
+                }
+                // The other one won, the window ended first, or the payment was declined (the
+                // invocation's 409 is counted with the invocations).
+                Ok(Answer::Refused(r)) if r.status == 409 && end.status != won => {}
+                Ok(Answer::Refused(r)) => {
+                    f.violation(id, told(format!("HTTP {}: {}", r.status, r.message)));
+                }
+                Err(e) => f.violation(
+                    id,
+                    Kind::Unanswered {
+                        handler,
+                        last: e.to_string(),
+                    },
+                ),
+            }
         }
     }
 

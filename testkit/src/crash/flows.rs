@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use payment_service::payment::{CreatePaymentBody, Payment, PaymentStatus, RefundPaymentBody};
+use payment_service::payment::{
+    CaptureMethod, CapturePaymentBody, CreatePaymentBody, Payment, PaymentStatus, RefundPaymentBody,
+};
 
 use super::audit::{PaymentLog, Reply};
 use super::plan::PaymentPlan;
-use crate::client::{Answer, CREATE, GET, PaymentClient, REFUND};
+use crate::client::{Answer, CAPTURE, CREATE, GET, PaymentClient, REFUND};
 use crate::load;
 
 /// How long a client waits for a payment answered `pending` to settle before its refunds.
@@ -57,7 +59,7 @@ async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
         currency: Some("USD".into()),
         description: Some("crash test".into()),
         customer_id: Some(plan.customer.clone()),
-        capture: None,
+        capture: plan.hold.as_ref().map(|_| CaptureMethod::Manual),
     };
     let creates = (0..plan.creates).map(|k| {
         let (client, id, body) = (client.clone(), plan.id.clone(), body.clone());
@@ -77,7 +79,7 @@ async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
         .creates
         .iter()
         .any(|a| matches!(a, Ok(Answer::Ok(r)) if r.status != PaymentStatus::Pending));
-    let refunds_planned = plan.refund_calls() > 0;
+    let refunds_planned = plan.refund_calls() + plan.hold_calls() > 0;
     if refunds_planned && !settled {
         let at = plan.ingress(plan.creates);
         let deadline = Instant::now() + SETTLE_WAIT;
@@ -123,7 +125,26 @@ async fn run_payment(client: &PaymentClient, plan: &PaymentPlan) -> PaymentLog {
         });
         log.keyed_refunds = join(keyed).await;
     }
-    let at = plan.ingress(plan.creates + plan.refund_calls());
+    if let Some(hold) = &plan.hold {
+        let first = plan.creates + plan.refund_calls();
+        let calls = (0..hold.calls()).map(|k| {
+            let (client, id) = (client.clone(), plan.id.clone());
+            let (handler, amount) = hold.call(k);
+            let at = plan.ingress(first + k);
+            tokio::spawn(async move {
+                let answer = match handler {
+                    CAPTURE => {
+                        let body = CapturePaymentBody { amount };
+                        client.call(at, &id, CAPTURE, &body).await
+                    }
+                    _ => client.call(at, &id, handler, &serde_json::json!({})).await,
+                };
+                (handler, answer)
+            })
+        });
+        log.holds = join(calls).await;
+    }
+    let at = plan.ingress(plan.creates + plan.refund_calls() + plan.hold_calls());
     log.get = Some(get(client, &plan.id, at).await);
     log
 }

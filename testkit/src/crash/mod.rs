@@ -245,6 +245,8 @@ pub fn run(params: &Params, service_bin: Option<PathBuf>, keep: bool) -> anyhow:
         ignore_idempotency_keys: params.ignore_keys,
         ..MockConfig::default()
     });
+    // Short holds: the plan's holds left alone expire within the run.
+    builder = builder.service_env("HOLD_EXPIRY", plan::HOLD_EXPIRY);
     if params.gateway_process {
         builder = builder.gateway_process();
         for (name, value) in GATEWAY_PROCESS_SERVICE_ENV {

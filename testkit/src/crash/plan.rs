@@ -7,6 +7,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+use crate::client::{CANCEL, CAPTURE};
+
 /// What a run is made of.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {
@@ -68,6 +70,10 @@ pub const GATEWAY_PROCESS_SERVICE_ENV: [(&str, &str); 4] = [
     ("SETTLE_FIRST_DELAY", "250ms"),
     ("SETTLE_MAX_DELAY", "2s"),
 ];
+
+/// The service's hold window in a run: holds the plan leaves alone are released by the
+/// service within the run; a capture sent late meets the release (and is refused).
+pub const HOLD_EXPIRY: &str = "3s";
 
 /// The mock gateway's delay before it acts.
 pub const GATEWAY_DELAY_MS: u64 = 20;
@@ -145,9 +151,50 @@ pub struct PaymentPlan {
     /// without `refunds`): together they may ask for more than the payment, and then some
     /// are refused.
     pub keyed_refunds: Vec<KeyedRefund>,
+    /// A hold (`"capture": "manual"`, only for a plan without refunds): what its clients do
+    /// once it is authorized, after the pause.
+    pub hold: Option<HoldPlan>,
     /// The ingress each client call goes to first (a node index): the CreatePayment calls,
-    /// then the RefundPayment calls, then the GetPayment.
+    /// then the RefundPayment calls, then the hold's calls, then the GetPayment.
     pub ingresses: Vec<usize>,
+}
+
+/// What the clients of a hold do with it: `copies` concurrent calls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldPlan {
+    pub end: HoldEnd,
+    pub copies: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HoldEnd {
+    /// CapturePayment of this amount (`None`: the whole hold).
+    Capture(Option<u64>),
+    CancelPayment,
+    /// Captures and cancels at once, alternating: exactly one of them may win.
+    Race(Option<u64>),
+    /// Nothing: the service releases the hold when its window ends (`HOLD_EXPIRY`).
+    Expire,
+}
+
+impl HoldPlan {
+    /// The handler of the hold's call `k`, and the capture's amount.
+    pub fn call(&self, k: usize) -> (&'static str, Option<u64>) {
+        match self.end {
+            HoldEnd::Capture(amount) => (CAPTURE, amount),
+            HoldEnd::Race(amount) if k.is_multiple_of(2) => (CAPTURE, amount),
+            HoldEnd::CancelPayment | HoldEnd::Race(_) => (CANCEL, None),
+            HoldEnd::Expire => unreachable!("an expiring hold has no calls"),
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        if self.end == HoldEnd::Expire {
+            0
+        } else {
+            self.copies
+        }
+    }
 }
 
 /// A refund with a refund key: `copies` concurrent requests with the same key and amount.
@@ -163,6 +210,11 @@ impl PaymentPlan {
     /// The RefundPayment calls of this plan: the refunds, then each keyed refund's copies.
     pub fn refund_calls(&self) -> usize {
         self.refunds.len() + self.keyed_refunds.iter().map(|k| k.copies).sum::<usize>()
+    }
+
+    /// The CapturePayment and CancelPayment calls of this plan.
+    pub fn hold_calls(&self) -> usize {
+        self.hold.as_ref().map_or(0, HoldPlan::calls)
     }
 
     /// The refund amounts this plan may legitimately end with.
@@ -211,6 +263,7 @@ pub fn payments(p: &Params) -> Vec<PaymentPlan> {
                 refunds,
                 refund_pause: Duration::from_millis(rng.random_range(0..400)),
                 keyed_refunds: Vec::new(),
+                hold: None,
                 ingresses: Vec::new(),
             }
         })
@@ -223,15 +276,42 @@ pub fn payments(p: &Params) -> Vec<PaymentPlan> {
             plan.keyed_refunds = keyed_refunds(&mut keyed_rng, plan.amount);
         }
     }
+    // Holds, from an RNG of their own too: two fifths of the payments left without refunds.
+    let mut hold_rng = StdRng::seed_from_u64(p.seed ^ 0x2545_f491_4f6c_dd1d);
+    for plan in &mut plans {
+        if plan.refund_calls() == 0 && hold_rng.random_bool(0.4) {
+            plan.hold = Some(hold(&mut hold_rng, plan.amount));
+        }
+    }
     // From an RNG of their own: the plans of a seed are the same on one node and on three.
     let mut ingress_rng = StdRng::seed_from_u64(p.seed ^ 0x1656_67b1_9e37_79f9);
     for plan in &mut plans {
-        let calls = plan.creates + plan.refund_calls() + 1;
+        let calls = plan.creates + plan.refund_calls() + plan.hold_calls() + 1;
         plan.ingresses = (0..calls)
             .map(|_| ingress_rng.random_range(0..p.nodes))
             .collect();
     }
     plans
+}
+
+/// A hold's end: captured (in full or in part), cancelled, both at once, or left to expire.
+fn hold(rng: &mut StdRng, amount: u64) -> HoldPlan {
+    let capture = if rng.random_bool(0.5) {
+        None
+    } else {
+        Some(rng.random_range(1..=amount))
+    };
+    let end = match rng.random_range(0..10) {
+        0..=3 => HoldEnd::Capture(capture),
+        4..=5 => HoldEnd::CancelPayment,
+        6..=7 => HoldEnd::Race(capture),
+        _ => HoldEnd::Expire,
+    };
+    let copies = match end {
+        HoldEnd::Race(_) => rng.random_range(2..=4),
+        _ => rng.random_range(1..=2),
+    };
+    HoldPlan { end, copies }
 }
 
 /// One or two refund requests: mostly the same request twice; sometimes another amount, of

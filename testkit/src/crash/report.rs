@@ -285,6 +285,18 @@ fn gateway_rows(s: &Summary<'_>) {
         );
     }
     row(
+        "holds",
+        format!(
+            "{} holds ({} CapturePayment/CancelPayment calls): {} captured, {} canceled, {} \
+             released when their window ended",
+            s.plans.iter().filter(|p| p.hold.is_some()).count(),
+            s.logs.iter().map(|l| l.holds.len()).sum::<usize>(),
+            f.holds_captured,
+            f.holds_canceled,
+            f.holds_expired
+        ),
+    );
+    row(
         "unknown outcomes settled",
         format!(
             "{} payments and {} refunds had attempts > 0 and were settled by the service itself; \

@@ -22,6 +22,7 @@ const B: &str = "crash-0001";
 fn plan(id: &str, amount: u64, customer: &str) -> PaymentPlan {
     PaymentPlan {
         keyed_refunds: Vec::new(),
+        hold: None,
         id: id.into(),
         amount,
         customer: customer.into(),
@@ -134,6 +135,7 @@ fn clean() -> World {
             ],
             refunds: vec![(None, Ok(Answer::Ok(refund("re_a", 1000))))],
             keyed_refunds: Vec::new(),
+            holds: Vec::new(),
             get: Some(Ok(Answer::Ok(completed))),
         },
         PaymentLog {
@@ -143,6 +145,7 @@ fn clean() -> World {
             ],
             refunds: vec![(None, Ok(refused(409)))],
             keyed_refunds: Vec::new(),
+            holds: Vec::new(),
             get: Some(Ok(Answer::Ok(failed.clone()))),
         },
     ];
@@ -249,6 +252,73 @@ fn in_parts() -> World {
         Some("[409] cannot refund 800 of payment crash-0000: 700 of its 1000 is left to refund"),
     ));
     w
+}
+
+/// `clean()` with payment A a hold instead: a capture of 600 and a cancel sent together; the
+/// capture won (its charge step re-executed: a replayed authorize line), the cancel got a 409.
+fn held() -> World {
+    use crate::crash::plan::{HoldEnd, HoldPlan};
+    let mut w = clean();
+    w.plans[0].refunds.clear();
+    w.plans[0].hold = Some(HoldPlan {
+        end: HoldEnd::Race(Some(600)),
+        copies: 2,
+    });
+    let end = final_mut(&mut w, 0);
+    end.status = PaymentStatus::Completed;
+    end.capture = CaptureMethod::Manual;
+    end.amount_captured = 600;
+    let end = end.clone();
+    let authorized = result(A, "authorized", Some("ch_a"), "Payment authorized: ...");
+    w.logs[0] = PaymentLog {
+        creates: vec![
+            Ok(Answer::Ok(authorized.clone())),
+            Ok(Answer::Ok(PaymentResult {
+                message: MSG_ALREADY_PROCESSED.into(),
+                ..authorized
+            })),
+        ],
+        refunds: Vec::new(),
+        keyed_refunds: Vec::new(),
+        holds: vec![
+            (CAPTURE, Ok(Answer::Ok(end.clone()))),
+            (CANCEL, Ok(refused_hold(409))),
+        ],
+        get: Some(Ok(Answer::Ok(end))),
+    };
+    w.end.stored_refunds.remove(A);
+    w.end.ledger.retain(|e| e.payment_id != A);
+    let hold_line = |op, amount, replay| LedgerEntry {
+        intent: Some("ch_a".into()),
+        ..line(
+            op,
+            A,
+            amount,
+            LedgerOutcome::Succeeded,
+            Some("ch_a"),
+            replay,
+        )
+    };
+    w.end.ledger.extend([
+        hold_line(LedgerOp::Authorize, 1000, false),
+        hold_line(LedgerOp::Authorize, 1000, true),
+        hold_line(LedgerOp::Capture, 600, false),
+    ]);
+    w.end.failed_invocations.push(invocation(
+        A,
+        CANCEL,
+        "completed",
+        Some("[409] cannot cancel payment crash-0000 with status completed"),
+    ));
+    w
+}
+
+fn refused_hold(status: u16) -> Answer<Payment> {
+    Answer::Refused(Refusal {
+        status,
+        message: format!("HTTP {status}"),
+        body: serde_json::Value::Null,
+    })
 }
 
 fn run(w: &World) -> Findings {
@@ -459,7 +529,90 @@ const CASES: &[(&str, fn(&mut World))] = &[
         *w = in_parts();
         final_mut(w, 0).amount_refunded = 300;
     }),
+    ("hold-settled-twice", |w| {
+        *w = held();
+        w.end.ledger.push(LedgerEntry {
+            intent: Some("ch_a".into()),
+            ..line(
+                LedgerOp::Cancel,
+                A,
+                1000,
+                LedgerOutcome::Succeeded,
+                Some("ch_a"),
+                false,
+            )
+        });
+    }),
+    ("hold-left", |w| {
+        *w = held();
+        w.end.ledger.retain(|e| e.op != LedgerOp::Capture);
+    }),
+    ("hold-state-mismatch", |w| {
+        *w = held();
+        final_mut(w, 0).amount_captured = 1000;
+    }),
+    ("hold-told-otherwise", |w| {
+        *w = held();
+        w.logs[0].holds[1] = (
+            CANCEL,
+            Ok(Answer::Ok(payment(
+                A,
+                1000,
+                "cust-1",
+                "canceled",
+                Some("ch_a"),
+            ))),
+        );
+    }),
 ];
+
+#[test]
+fn a_hold_captured_once_while_its_cancel_is_refused_passes() {
+    let f = run(&held());
+    assert!(f.violations.is_empty(), "{:#?}", f.violations);
+    assert_eq!(
+        (f.holds_captured, f.holds_canceled, f.holds_expired),
+        (1, 0, 0)
+    );
+    assert_eq!(f.expected_409s, 2);
+}
+
+/// A hold left alone and released when its window ended: `canceled` with the hold's charge
+/// ID, and no refund.
+#[test]
+fn a_hold_released_when_its_window_ended_passes() {
+    use crate::crash::plan::HoldEnd;
+    let mut w = held();
+    w.plans[0].hold.as_mut().unwrap().end = HoldEnd::Expire;
+    w.logs[0].holds.clear();
+    w.end
+        .failed_invocations
+        .retain(|i| i.target_handler_name != CANCEL);
+    w.end.ledger.retain(|e| e.op != LedgerOp::Capture);
+    w.end.ledger.push(LedgerEntry {
+        intent: Some("ch_a".into()),
+        ..line(
+            LedgerOp::Cancel,
+            A,
+            1000,
+            LedgerOutcome::Succeeded,
+            Some("ch_a"),
+            false,
+        )
+    });
+    let end = final_mut(&mut w, 0);
+    end.status = PaymentStatus::Canceled;
+    end.amount_captured = 0;
+    end.error_msg = Some(REASON_HOLD_EXPIRED.into());
+    let end = end.clone();
+    w.logs[0].get = Some(Ok(Answer::Ok(end)));
+    let f = run(&w);
+    assert!(f.violations.is_empty(), "{:#?}", f.violations);
+    assert_eq!(
+        (f.holds_captured, f.holds_canceled, f.holds_expired),
+        (0, 0, 1)
+    );
+}
 
 #[test]
 fn every_kind_of_violation_is_caught() {
@@ -482,7 +635,7 @@ fn the_cases_cover_every_kind_once() {
     names.dedup();
     assert_eq!(names.len(), CASES.len(), "a kind has two cases");
     // The number of `Kind` variants: keep in step when a kind is added.
-    assert_eq!(CASES.len(), 40);
+    assert_eq!(CASES.len(), 44);
 }
 
 /// A payment answered `pending` (its outcome unknown), settled later by the service: the
