@@ -24,6 +24,9 @@
 //! at the gateway. Waiting happens between invocations, so the payment's lock is free meanwhile
 //! (`GetPayment` never waits on it anyway).
 //!
+//! A payment created with manual capture ends its charge `authorized`: the gateway holds the
+//! money until `CapturePayment`, `CancelPayment` or the hold's window ends ([`hold`]).
+//!
 //! An invocation cancelled by an operator while the charge is unsettled voids the charge
 //! (`void`: the key spent on a request that moves no money, or the charge refunded) and ends
 //! `canceled`. A refund is stored `pending` before the gateway is called and, whatever cuts it
@@ -93,8 +96,8 @@ fn is_cancel(error: &TerminalError) -> bool {
 
 /// The payment service: one virtual object per payment ID.
 ///
-/// `CreatePayment` and `RefundPayment` keep the answers of requests sent with an
-/// `idempotency-key` header for 7 days (Restate's default is 1 day; Stripe keeps keys 24 hours):
+/// The client-facing handlers that act (`CreatePayment`, `RefundPayment`, `CapturePayment`,
+/// `CancelPayment`) keep the answers of requests sent with an `idempotency-key` header for 7 days (Restate's default is 1 day; Stripe keeps keys 24 hours):
 /// long enough for a client's retry queue to drain over a weekend. The payment itself is
 /// deduplicated by its ID for as long as it is stored, key or no key.
 pub struct PaymentService {

@@ -10,8 +10,8 @@
 use std::sync::OnceLock;
 
 use payment_service::gateway::{
-    ApiKey, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway, RefundRequest,
-    StripeConfig, StripeGateway, VoidRequest, VoidResponse,
+    ApiKey, CaptureRequest, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway,
+    RefundRequest, StripeConfig, StripeGateway, VoidHoldRequest, VoidRequest, VoidResponse,
 };
 use serde_json::Value;
 use testkit::localstripe::{self, Localstripe};
@@ -267,4 +267,51 @@ fn the_service_charges_and_refunds_through_stripe() {
     assert_eq!(refunds[0]["id"], refund_id.as_str());
     assert_eq!(refunds[0]["amount"], 1000);
     assert_eq!(refunds[0]["metadata"]["payment_id"], id.as_str());
+}
+
+#[test]
+fn a_hold_is_authorized_then_captured_in_part_or_released() {
+    let gateway = gateway("pm_card_visa");
+    let hold = ChargeRequest {
+        manual_capture: true,
+        ..charge_request(3000)
+    };
+    let charge_id = match block_on(gateway.charge(hold.clone())).unwrap() {
+        ChargeResponse::Authorized { charge_id } => charge_id,
+        other => panic!("expected a hold, got {other:?}"),
+    };
+    let intent = block_on(gateway.retrieve_intent(&charge_id)).unwrap();
+    assert_eq!(intent.status, "requires_capture");
+    let captured = block_on(gateway.capture(CaptureRequest {
+        idempotency_key: format!("capture:{}", hold.payment_id),
+        payment_id: hold.payment_id.clone(),
+        charge_id: charge_id.clone(),
+        amount: 2000,
+    }))
+    .unwrap();
+    assert_eq!(captured.amount, 2000);
+    let intent = block_on(gateway.retrieve_intent(&charge_id)).unwrap();
+    assert_eq!(intent.status, "succeeded");
+    // Captured: it cannot be released any more.
+    let release = |hold: &ChargeRequest, charge_id: &str| VoidHoldRequest {
+        idempotency_key: format!("void-hold:{}", hold.payment_id),
+        payment_id: hold.payment_id.clone(),
+        charge_id: charge_id.to_owned(),
+    };
+    assert!(matches!(
+        block_on(gateway.void_hold(release(&hold, &charge_id))),
+        Err(GatewayError::Rejected(_))
+    ));
+
+    let other = ChargeRequest {
+        manual_capture: true,
+        ..charge_request(1500)
+    };
+    let held = match block_on(gateway.charge(other.clone())).unwrap() {
+        ChargeResponse::Authorized { charge_id } => charge_id,
+        other => panic!("expected a hold, got {other:?}"),
+    };
+    block_on(gateway.void_hold(release(&other, &held))).unwrap();
+    let intent = block_on(gateway.retrieve_intent(&held)).unwrap();
+    assert_eq!(intent.status, "canceled");
 }

@@ -126,7 +126,8 @@ pub fn summary(s: &Summary<'_>) {
         "invocations",
         format!(
             "{} PaymentService, {} not completed, {} failed ({} the 409 of refunding a \
-             failed payment or, in parts, more than is left; {} the 404 of a readiness probe)",
+             failed payment or, in parts, more than is left, or of a hold's capture or cancel \
+             that came second; {} the 404 of a readiness probe)",
             s.end.invocations,
             s.end.unfinished.len(),
             s.end.failed_invocations.len(),
