@@ -134,9 +134,7 @@ impl PaymentService {
         body: JsonBody<CreatePaymentBody>,
     ) -> Result<Json<PaymentResult>, TerminalError> {
         let payment_id = ctx.key().to_owned();
-        let result = self.create(&mut ctx, body).await;
-        log_refusal(&payment_id, &result);
-        result.map(Json)
+        answered(&payment_id, self.create(&mut ctx, body).await)
     }
 
     /// The stored payment, read-only.
@@ -193,9 +191,7 @@ impl PaymentService {
         body: JsonBody<RefundPaymentBody>,
     ) -> Result<Json<Refund>, TerminalError> {
         let payment_id = ctx.key().to_owned();
-        let result = self.refund(&mut ctx, body).await;
-        log_refusal(&payment_id, &result);
-        result.map(Json)
+        answered(&payment_id, self.refund(&mut ctx, body).await)
     }
 
     /// Captures the hold of an authorized payment, in full or in part, once.
@@ -206,9 +202,7 @@ impl PaymentService {
         body: JsonBody<CapturePaymentBody>,
     ) -> Result<Json<Payment>, TerminalError> {
         let payment_id = ctx.key().to_owned();
-        let result = self.capture(&mut ctx, body).await;
-        log_refusal(&payment_id, &result);
-        result.map(Json)
+        answered(&payment_id, self.capture(&mut ctx, body).await)
     }
 
     /// Releases the hold of an authorized payment, taking nothing.
@@ -219,9 +213,7 @@ impl PaymentService {
         body: JsonBody<NoInput>,
     ) -> Result<Json<Payment>, TerminalError> {
         let payment_id = ctx.key().to_owned();
-        let result = self.cancel(&mut ctx, body).await;
-        log_refusal(&payment_id, &result);
-        result.map(Json)
+        answered(&payment_id, self.cancel(&mut ctx, body).await)
     }
 
     /// Releases a hold still not captured when its window ends. Only the object calls it (a
@@ -955,6 +947,15 @@ fn settled_or_settling(payment_id: &str, refund: Option<&Refund>) -> Option<Refu
         return Some(refund.clone());
     }
     None
+}
+
+/// A client handler's answer, a refusal logged (the tail every one of them shares).
+fn answered<T>(
+    payment_id: &str,
+    result: Result<T, TerminalError>,
+) -> Result<Json<T>, TerminalError> {
+    log_refusal(payment_id, &result);
+    result.map(Json)
 }
 
 /// Logs a refused request once, with its status code, so a 4xx is never silent.

@@ -311,24 +311,28 @@ async fn search_finds_a_payments_intents_and_confirm_moves_an_open_one() {
     assert_eq!(error(&missing).status, 404);
 }
 
+/// An engine over the in-process store of the ledger at `path`, rebuilt from it.
+fn open_ledger(path: &std::path::Path) -> Arc<Engine<MemoryStore>> {
+    Arc::new(
+        Engine::new(
+            MemoryStore::open(path, DEFAULT_KEY_RETENTION, (system_clock())()).unwrap(),
+            SimConfig::default(),
+        )
+        .unwrap(),
+    )
+}
+
+async fn post(e: &Arc<Engine<MemoryStore>>, key: &str, p: Post) -> Reply {
+    e.post(Some(key.to_owned()), p, Duration::ZERO, false)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_ledger_rebuilds_keys_intents_and_refunds_and_marks_what_did_not_act() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.jsonl");
-    let open = || {
-        Arc::new(
-            Engine::new(
-                MemoryStore::open(&path, DEFAULT_KEY_RETENTION, (system_clock())()).unwrap(),
-                SimConfig::default(),
-            )
-            .unwrap(),
-        )
-    };
-    let post = |e: &Arc<Engine<MemoryStore>>, key: &str, p: Post| {
-        let e = Arc::clone(e);
-        let key = key.to_owned();
-        async move { e.post(Some(key), p, Duration::ZERO, false).await.unwrap() }
-    };
+    let open = || open_ledger(&path);
     let e = open();
     let Body::Intent(i) = post(&e, "c", create("p", 100, true, "pm_card_visa"))
         .await
@@ -441,20 +445,7 @@ async fn a_hold_is_captured_once_refunded_up_to_the_capture_and_never_also_cance
 async fn the_ledger_rebuilds_holds_and_their_captures() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.jsonl");
-    let open = || {
-        Arc::new(
-            Engine::new(
-                MemoryStore::open(&path, DEFAULT_KEY_RETENTION, (system_clock())()).unwrap(),
-                SimConfig::default(),
-            )
-            .unwrap(),
-        )
-    };
-    let post = |e: &Arc<Engine<MemoryStore>>, key: &str, p: Post| {
-        let e = Arc::clone(e);
-        let key = key.to_owned();
-        async move { e.post(Some(key), p, Duration::ZERO, false).await.unwrap() }
-    };
+    let open = || open_ledger(&path);
     let e = open();
     let a = intent_of(&post(&e, "ha", hold("a", 1000)).await).id();
     let b = intent_of(&post(&e, "hb", hold("b", 800)).await).id();

@@ -4,23 +4,16 @@
 
 use std::time::Duration;
 
-use payment_service::gateway::MockConfig;
 use payment_service::payment::{CreatePaymentBody, PaymentStatus};
 use testkit::ledger::{LedgerOp, LedgerOutcome};
-use testkit::stack::{Stack, wait_until};
+use testkit::stack::wait_until;
 
-use crate::helpers::{ok, own_stack, seed_payment, unique_id};
+use crate::helpers::{gateway_process_stack, ok, own_stack, seed_payment, unique_id};
 
 #[test]
 fn the_gateway_process_charges_survives_a_kill_and_its_unknowns_are_settled() {
     let app = own_stack(
-        Stack::builder()
-            .gateway(MockConfig {
-                delay: Duration::from_millis(1),
-                decline_rate: 0.0,
-                ..MockConfig::default()
-            })
-            .gateway_process()
+        gateway_process_stack()
             // Short rounds: a payment left pending while the gateway is down settles soon after.
             .service_env("GATEWAY_ATTEMPT_TIMEOUT", "1s")
             .service_env("SETTLE_FIRST_DELAY", "200ms")

@@ -78,6 +78,18 @@ pub fn own_stack(builder: StackBuilder) -> TestApp {
     TestApp::local(start(builder).expect("starting the test's own stack"))
 }
 
+/// A stack whose gateway is the `mock-gateway` process (the service reaching it as it would
+/// Stripe), acting at once and declining none: add a test's own settings to it.
+pub fn gateway_process_stack() -> StackBuilder {
+    Stack::builder()
+        .gateway(MockConfig {
+            delay: Duration::from_millis(1),
+            decline_rate: 0.0,
+            ..MockConfig::default()
+        })
+        .gateway_process()
+}
+
 /// Starts a stack with this build's service.
 fn start(builder: StackBuilder) -> anyhow::Result<Stack> {
     builder

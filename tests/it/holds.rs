@@ -5,17 +5,16 @@
 
 use std::time::Duration;
 
-use payment_service::gateway::MockConfig;
 use payment_service::payment::{
     CaptureMethod, CreatePaymentBody, PaymentStatus, REASON_HOLD_CANCELED, REASON_HOLD_EXPIRED,
 };
 use testkit::client::Answer;
 use testkit::ledger::{LedgerEntry, LedgerOp, LedgerOutcome};
-use testkit::stack::{Stack, wait_until};
+use testkit::stack::wait_until;
 
 use crate::helpers::{
-    TestApp, all_at_once, assert_refused, keyed_refund_body, ok, own_stack, refund_body, spawn_app,
-    unique_id,
+    TestApp, all_at_once, assert_refused, gateway_process_stack, keyed_refund_body, ok, own_stack,
+    refund_body, spawn_app, unique_id,
 };
 
 /// The gateway's calls for `id` that acted and succeeded, as `(op, amount)`.
@@ -190,16 +189,7 @@ fn captures_and_cancels_sent_together_end_in_exactly_one_of_them() {
 /// released by the service itself when its window ends.
 #[test]
 fn holds_through_the_stripe_adapter_and_one_released_when_its_window_ends() {
-    let app = own_stack(
-        Stack::builder()
-            .gateway(MockConfig {
-                delay: Duration::from_millis(1),
-                decline_rate: 0.0,
-                ..MockConfig::default()
-            })
-            .gateway_process()
-            .service_env("HOLD_EXPIRY", "3s"),
-    );
+    let app = own_stack(gateway_process_stack().service_env("HOLD_EXPIRY", "3s"));
     let captured = unique_id("gwp-hold-capture");
     app.authorized_payment(&captured, 5000);
     let done = ok("capture", app.capture(&captured, Some(4000)));

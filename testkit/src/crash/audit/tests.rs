@@ -288,17 +288,6 @@ fn held() -> World {
     };
     w.end.stored_refunds.remove(A);
     w.end.ledger.retain(|e| e.payment_id != A);
-    let hold_line = |op, amount, replay| LedgerEntry {
-        intent: Some("ch_a".into()),
-        ..line(
-            op,
-            A,
-            amount,
-            LedgerOutcome::Succeeded,
-            Some("ch_a"),
-            replay,
-        )
-    };
     w.end.ledger.extend([
         hold_line(LedgerOp::Authorize, 1000, false),
         hold_line(LedgerOp::Authorize, 1000, true),
@@ -311,6 +300,21 @@ fn held() -> World {
         Some("[409] cannot cancel payment crash-0000 with status completed"),
     ));
     w
+}
+
+/// A line of A's hold (intent `ch_a`) that acted.
+fn hold_line(op: LedgerOp, amount: u64, replay: bool) -> LedgerEntry {
+    LedgerEntry {
+        intent: Some("ch_a".into()),
+        ..line(
+            op,
+            A,
+            amount,
+            LedgerOutcome::Succeeded,
+            Some("ch_a"),
+            replay,
+        )
+    }
 }
 
 fn refused_hold(status: u16) -> Answer<Payment> {
@@ -531,17 +535,7 @@ const CASES: &[(&str, fn(&mut World))] = &[
     }),
     ("hold-settled-twice", |w| {
         *w = held();
-        w.end.ledger.push(LedgerEntry {
-            intent: Some("ch_a".into()),
-            ..line(
-                LedgerOp::Cancel,
-                A,
-                1000,
-                LedgerOutcome::Succeeded,
-                Some("ch_a"),
-                false,
-            )
-        });
+        w.end.ledger.push(hold_line(LedgerOp::Cancel, 1000, false));
     }),
     ("hold-left", |w| {
         *w = held();
@@ -589,17 +583,7 @@ fn a_hold_released_when_its_window_ended_passes() {
         .failed_invocations
         .retain(|i| i.target_handler_name != CANCEL);
     w.end.ledger.retain(|e| e.op != LedgerOp::Capture);
-    w.end.ledger.push(LedgerEntry {
-        intent: Some("ch_a".into()),
-        ..line(
-            LedgerOp::Cancel,
-            A,
-            1000,
-            LedgerOutcome::Succeeded,
-            Some("ch_a"),
-            false,
-        )
-    });
+    w.end.ledger.push(hold_line(LedgerOp::Cancel, 1000, false));
     let end = final_mut(&mut w, 0);
     end.status = PaymentStatus::Canceled;
     end.amount_captured = 0;
