@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 
+use crate::gateway::webhook::WebhookSecret;
 use crate::gateway::{
     ApiKey, MockConfig, MockGateway, PaymentGateway, RetryPolicy, StripeConfig, StripeGateway,
     stripe,
@@ -131,6 +132,12 @@ pub struct Config {
     /// never logged. Prefer the environment variable: a flag shows in the process list.
     #[arg(long, env = "STRIPE_API_KEY", hide_env_values = true)]
     pub stripe_api_key: Option<ApiKey>,
+
+    /// Stripe: the signing secret of the webhook endpoint (`whsec_…`, from the dashboard or
+    /// `stripe listen`), for `POST /StripeWebhooks/Receive` through the Restate ingress. Without
+    /// it every event is refused. Never logged.
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true, value_parser = parse_webhook_secret)]
+    pub stripe_webhook_secret: Option<WebhookSecret>,
 
     /// Stripe: the API's base URL; another one only for a fake of Stripe in tests.
     #[arg(long, env = "STRIPE_API_BASE", default_value = stripe::DEFAULT_API_BASE)]
@@ -323,6 +330,13 @@ fn parse_version(s: &str) -> Result<String, String> {
             "must be one URL path segment of letters, digits, '-', '_' or '.', got {s:?}"
         ))
     }
+}
+
+fn parse_webhook_secret(s: &str) -> Result<WebhookSecret, String> {
+    if s.is_empty() {
+        return Err("the webhook secret must not be empty".to_owned());
+    }
+    Ok(WebhookSecret::new(s))
 }
 
 /// A hold's window: at least a second (the timer that ends it is Restate's, in milliseconds).

@@ -36,6 +36,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         gateway,
         config.settle_policy(),
         config.hold_expiry,
+        config.stripe_webhook_secret.clone(),
         &config.identity_keys,
     )?;
     if config.identity_keys.is_empty() {

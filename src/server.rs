@@ -16,17 +16,22 @@ use restate_sdk::endpoint::{Endpoint, HandleOptions, ProtocolMode, ResponseBody}
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::gateway::PaymentGateway;
-use crate::service::{PaymentService, SettlePolicy};
+use crate::gateway::webhook::WebhookSecret;
+use crate::service::{PaymentService, SettlePolicy, StripeWebhooks};
 
-/// The Restate endpoint with `PaymentService` bound to `gateway`. With `identity_keys`, the
-/// endpoint serves only requests signed by a Restate server holding one of the private keys.
+/// The Restate endpoint with `PaymentService` bound to `gateway`, and `StripeWebhooks`
+/// checking events with `webhook_secret` (none: every event refused). With `identity_keys`,
+/// the endpoint serves only requests signed by a Restate server holding one of the private keys.
 pub fn endpoint(
     gateway: Arc<dyn PaymentGateway>,
     policy: SettlePolicy,
     hold_expiry: std::time::Duration,
+    webhook_secret: Option<WebhookSecret>,
     identity_keys: &[String],
 ) -> anyhow::Result<Endpoint> {
-    let mut builder = Endpoint::builder().bind(PaymentService::new(gateway, policy, hold_expiry));
+    let mut builder = Endpoint::builder()
+        .bind(PaymentService::new(gateway, policy, hold_expiry))
+        .bind(StripeWebhooks::new(webhook_secret));
     for key in identity_keys {
         builder = builder
             .identity_key(key)

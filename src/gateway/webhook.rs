@@ -117,6 +117,75 @@ pub fn sign(payload: &[u8], secret: &WebhookSecret, timestamp: i64) -> String {
     format!("t={timestamp},v1={}", hex::encode(tag))
 }
 
+/// What a PaymentIntent event reports, as far as the service reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntentEvent {
+    /// `evt_…`: Stripe delivers an event at least once, so this is what repeats share.
+    pub id: String,
+    /// When Stripe created the event, Unix seconds.
+    pub created: i64,
+    pub kind: IntentEventKind,
+    /// The intent (`pi_…`), the service's `chargeId`.
+    pub intent: String,
+    /// `metadata[payment_id]`: none for an intent this service did not create.
+    pub payment_id: Option<String>,
+    /// What the intent took (`amount_received`).
+    pub amount_received: u64,
+}
+
+/// The PaymentIntent events the service acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntentEventKind {
+    /// `payment_intent.succeeded`: the money was taken (a charge, or a hold captured).
+    Succeeded,
+    /// `payment_intent.amount_capturable_updated`: a hold was placed.
+    Authorized,
+    /// `payment_intent.payment_failed`, with the decline's message.
+    Failed { reason: String },
+    /// `payment_intent.canceled`.
+    Canceled,
+}
+
+/// Reads a verified event's payload: `Ok(None)` for an event of another type (acknowledged,
+/// and ignored); an error for a payload that is not an event.
+pub fn parse_event(payload: &[u8]) -> Result<Option<IntentEvent>, String> {
+    let event: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| format!("the event is not JSON: {e}"))?;
+    let text = |v: &serde_json::Value, what: &str| {
+        v.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("the event has no {what}"))
+    };
+    let id = text(&event["id"], "id")?;
+    let created = event["created"]
+        .as_i64()
+        .ok_or("the event has no created time")?;
+    let object = &event["data"]["object"];
+    let kind = match text(&event["type"], "type")?.as_str() {
+        "payment_intent.succeeded" => IntentEventKind::Succeeded,
+        "payment_intent.amount_capturable_updated" => IntentEventKind::Authorized,
+        "payment_intent.payment_failed" => IntentEventKind::Failed {
+            reason: match object["last_payment_error"]["decline_code"].as_str() {
+                Some("insufficient_funds") => super::mock::DECLINE_REASON.to_owned(),
+                _ => object["last_payment_error"]["message"]
+                    .as_str()
+                    .unwrap_or("the payment failed")
+                    .to_owned(),
+            },
+        },
+        "payment_intent.canceled" => IntentEventKind::Canceled,
+        _ => return Ok(None),
+    };
+    Ok(Some(IntentEvent {
+        id,
+        created,
+        kind,
+        intent: text(&object["id"], "data.object.id")?,
+        payment_id: object["metadata"]["payment_id"].as_str().map(str::to_owned),
+        amount_received: object["amount_received"].as_u64().unwrap_or(0),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +281,34 @@ mod tests {
     #[test]
     fn the_secret_is_never_printed() {
         assert!(!format!("{:?}", secret()).contains("whsec"));
+    }
+
+    #[test]
+    fn intent_events_are_read_and_other_types_ignored() {
+        let event = br#"{"id":"evt_1","type":"payment_intent.payment_failed","created":1700000000,
+            "data":{"object":{"id":"pi_1","amount_received":0,"metadata":{"payment_id":"p-1"},
+            "last_payment_error":{"decline_code":"insufficient_funds","message":"Your card has insufficient funds."}}}}"#;
+        assert_eq!(
+            parse_event(event).unwrap(),
+            Some(IntentEvent {
+                id: "evt_1".into(),
+                created: T,
+                kind: IntentEventKind::Failed {
+                    reason: "insufficient funds".into()
+                },
+                intent: "pi_1".into(),
+                payment_id: Some("p-1".into()),
+                amount_received: 0,
+            })
+        );
+        let other = br#"{"id":"evt_2","type":"customer.created","created":1,"data":{"object":{}}}"#;
+        assert_eq!(parse_event(other).unwrap(), None);
+        assert!(parse_event(b"[]").is_err());
+        assert!(
+            parse_event(
+                br#"{"id":"evt_3","type":"payment_intent.succeeded","created":1,"data":{}}"#
+            )
+            .is_err()
+        );
     }
 }

@@ -279,6 +279,72 @@ pub enum ChargeOutcome {
     Unknown { reason: String, attempts: u32 },
 }
 
+/// What the gateway reported about a payment by itself (a verified webhook event): the body
+/// of `Confirm`, which settles a payment still waiting on what the event says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayEvent {
+    /// The gateway's event ID (Stripe's `evt_…`): deliveries of one event share it.
+    pub event_id: String,
+    /// The intent the event is about: the payment's `chargeId`.
+    pub charge_id: String,
+    /// When the gateway created the event.
+    pub at: Timestamp,
+    pub kind: GatewayEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum GatewayEventKind {
+    /// The money was taken: `amountReceived` of it.
+    #[serde(rename_all = "camelCase")]
+    Succeeded {
+        amount_received: u64,
+    },
+    /// A hold was placed.
+    Authorized,
+    /// The charge was declined, for `reason`.
+    Failed {
+        reason: String,
+    },
+    Canceled,
+}
+
+impl GatewayEvent {
+    /// What the event settles of a charge whose outcome the service does not know yet, if
+    /// anything: a cancel decides nothing (the service's own voids cancel intents), nor does an
+    /// event of the other capture method.
+    pub fn charge_outcome(&self, capture: CaptureMethod) -> Option<ChargeOutcome> {
+        let (charge_id, at) = (self.charge_id.clone(), self.at);
+        match (&self.kind, capture) {
+            (GatewayEventKind::Succeeded { .. }, CaptureMethod::Automatic) => {
+                Some(ChargeOutcome::Charged { charge_id, at })
+            }
+            (GatewayEventKind::Authorized, CaptureMethod::Manual) => {
+                Some(ChargeOutcome::Authorized { charge_id, at })
+            }
+            (GatewayEventKind::Failed { reason }, _) => Some(ChargeOutcome::Declined {
+                reason: reason.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// What the event settles of a hold's capture or release whose outcome is not known yet.
+    pub fn hold_outcome(&self, action: &HoldAction) -> Option<HoldOutcome> {
+        match (&self.kind, action) {
+            (GatewayEventKind::Succeeded { amount_received }, HoldAction::Capture { .. }) => {
+                Some(HoldOutcome::Captured {
+                    amount: *amount_received,
+                    at: self.at,
+                })
+            }
+            (GatewayEventKind::Canceled, HoldAction::Void { .. }) => Some(HoldOutcome::Voided),
+            _ => None,
+        }
+    }
+}
+
 /// What voiding a cancelled payment's charge did, recorded once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "camelCase")]
@@ -1348,5 +1414,52 @@ mod tests {
         }));
         let refused = auto.request_capture(None).unwrap_err().to_string();
         assert!(refused.contains("no hold"), "{refused}");
+    }
+
+    #[test]
+    fn a_gateway_event_settles_only_what_waits_on_it() {
+        let event = |kind| GatewayEvent {
+            event_id: "evt_1".into(),
+            charge_id: "pi_1".into(),
+            at: Timestamp::now(),
+            kind,
+        };
+        let succeeded = event(GatewayEventKind::Succeeded {
+            amount_received: 700,
+        });
+        assert!(matches!(
+            succeeded.charge_outcome(CaptureMethod::Automatic),
+            Some(ChargeOutcome::Charged { charge_id, .. }) if charge_id == "pi_1"
+        ));
+        // A hold's money taken is a capture, not a charge settled.
+        assert_eq!(succeeded.charge_outcome(CaptureMethod::Manual), None);
+        let capture = HoldAction::Capture {
+            amount: Amount::new(700).unwrap(),
+        };
+        assert!(matches!(
+            succeeded.hold_outcome(&capture),
+            Some(HoldOutcome::Captured { amount: 700, .. })
+        ));
+        let authorized = event(GatewayEventKind::Authorized);
+        assert!(matches!(
+            authorized.charge_outcome(CaptureMethod::Manual),
+            Some(ChargeOutcome::Authorized { .. })
+        ));
+        assert_eq!(authorized.charge_outcome(CaptureMethod::Automatic), None);
+        let failed = event(GatewayEventKind::Failed {
+            reason: "insufficient funds".into(),
+        });
+        assert!(matches!(
+            failed.charge_outcome(CaptureMethod::Automatic),
+            Some(ChargeOutcome::Declined { reason }) if reason == "insufficient funds"
+        ));
+        // A cancel decides nothing of a charge (the service's own voids cancel intents).
+        let canceled = event(GatewayEventKind::Canceled);
+        assert_eq!(canceled.charge_outcome(CaptureMethod::Automatic), None);
+        assert_eq!(canceled.hold_outcome(&capture), None);
+        let void = HoldAction::Void {
+            reason: REASON_HOLD_CANCELED.into(),
+        };
+        assert_eq!(canceled.hold_outcome(&void), Some(HoldOutcome::Voided));
     }
 }

@@ -57,6 +57,11 @@ impl BodyShape for RefundPaymentBody {
     const REQUIRED: bool = false;
 }
 
+/// Stripe always posts its event.
+impl BodyShape for super::StripeEventBody {
+    const REQUIRED: bool = true;
+}
+
 /// No body captures the whole hold.
 impl BodyShape for CapturePaymentBody {
     const REQUIRED: bool = false;

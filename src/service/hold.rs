@@ -257,12 +257,19 @@ impl PaymentService {
 async fn stored_payment(
     ctx: &mut ObjectContext<'_>,
 ) -> Result<(PaymentId, Payment), TerminalError> {
-    let id = PaymentId::parse(ctx.key())?;
-    match decode::<Payment>(ctx.key(), STATE_PAYMENT, ctx.get(STATE_PAYMENT).await?)? {
-        Some(payment) => Ok((id, payment)),
-        None => Err(PaymentError::NotFound {
+    stored_payment_if_any(ctx).await?.ok_or_else(|| {
+        PaymentError::NotFound {
             payment_id: ctx.key().to_owned(),
         }
-        .into()),
-    }
+        .into()
+    })
+}
+
+/// The stored payment and its ID, if there is one.
+pub(super) async fn stored_payment_if_any(
+    ctx: &mut ObjectContext<'_>,
+) -> Result<Option<(PaymentId, Payment)>, TerminalError> {
+    let id = PaymentId::parse(ctx.key())?;
+    let stored = decode::<Payment>(ctx.key(), STATE_PAYMENT, ctx.get(STATE_PAYMENT).await?)?;
+    Ok(stored.map(|payment| (id, payment)))
 }

@@ -37,6 +37,7 @@
 mod body;
 mod hold;
 mod settle;
+mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,13 +51,15 @@ use crate::gateway::{
     with_retries,
 };
 use crate::payment::{
-    CaptureMethod, CapturePaymentBody, ChargeOutcome, ChargeStep, CreatePaymentBody, NewPayment,
-    NoInput, Payment, PaymentError, PaymentId, PaymentResult, PaymentStatus, Refund, RefundOutcome,
-    RefundPaymentBody, RefundRequest, RefundStatus, RefundStep, Timestamp, VoidOutcome,
+    CaptureMethod, CapturePaymentBody, ChargeOutcome, ChargeStep, CreatePaymentBody, GatewayEvent,
+    NewPayment, NoInput, Payment, PaymentError, PaymentId, PaymentResult, PaymentStatus, Refund,
+    RefundOutcome, RefundPaymentBody, RefundRequest, RefundStatus, RefundStep, Timestamp,
+    VoidOutcome,
 };
 
 pub use body::JsonBody;
 pub use settle::{SettlePolicy, SettleRound};
+pub use webhook::{StripeEventBody, StripeWebhooks, WebhookReceipt};
 
 /// State key of the stored [`Payment`].
 pub const STATE_PAYMENT: &str = "payment";
@@ -216,6 +219,20 @@ impl PaymentService {
         answered(&payment_id, self.cancel(&mut ctx, body).await)
     }
 
+    /// Settles the payment from a verified gateway event (`StripeWebhooks` calls it, once per
+    /// event ID), if the payment is still waiting on what the event says.
+    #[handler(name = "Confirm", ingress_private, idempotency_retention = "7 days")]
+    async fn confirm(
+        &self,
+        mut ctx: ObjectContext<'_>,
+        event: Json<GatewayEvent>,
+    ) -> Result<(), TerminalError> {
+        let payment_id = ctx.key().to_owned();
+        let result = self.confirm_event(&mut ctx, event.into_inner()).await;
+        log_refusal(&payment_id, &result);
+        result
+    }
+
     /// Releases a hold still not captured when its window ends. Only the object calls it (a
     /// delayed call to itself, sent when the hold is placed), never a client.
     #[handler(name = "ExpireHold", ingress_private)]
@@ -295,7 +312,7 @@ impl PaymentService {
         &self,
         ctx: &mut ObjectContext<'_>,
         id: &PaymentId,
-        mut payment: Payment,
+        payment: Payment,
         round: u32,
     ) -> Result<PaymentResult, TerminalError> {
         let step = match self.charge(ctx, id, &payment).await {
@@ -307,6 +324,19 @@ impl PaymentService {
             }
             Err(e) => return Err(e),
         };
+        self.store_charge(ctx, id, payment, step, round).await
+    }
+
+    /// A charge step's result (from the step, or from a gateway event) stored, and what
+    /// follows from it: the receipt, the hold's expiry timer, or the next `Settle` round.
+    async fn store_charge(
+        &self,
+        ctx: &mut ObjectContext<'_>,
+        id: &PaymentId,
+        mut payment: Payment,
+        step: ChargeStep,
+        round: u32,
+    ) -> Result<PaymentResult, TerminalError> {
         payment.settle(step);
         if payment.status == PaymentStatus::Authorized {
             payment.hold_expires_at = payment

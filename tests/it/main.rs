@@ -22,3 +22,4 @@ mod stripe_conformance;
 mod unknown_outcomes;
 mod upgrade;
 mod walkthrough;
+mod webhooks;
