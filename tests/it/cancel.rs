@@ -119,3 +119,46 @@ fn a_refund_cancelled_mid_call_is_settled_with_its_amount_and_key() {
     assert_eq!(stored.refund_id, refunds[0].id, "{stored:?}");
     assert_eq!(stored.amount.minor_units(), 1200);
 }
+
+/// A capture cancelled after the gateway took the hold's money: the payment stays `authorized`
+/// with its capture stored, a cancel meanwhile is refused, and `Settle` ends it `completed`
+/// with that one capture, under its key.
+#[test]
+fn a_capture_cancelled_mid_call_is_settled_with_its_key_and_no_release_gets_in() {
+    let app = slow_answers(Duration::from_secs(2));
+    let id = unique_id("cancel-capture");
+    app.authorized_payment(&id, 5000);
+    std::thread::scope(|s| {
+        let call = s.spawn(|| app.capture(&id, Some(1200)));
+        cancel_mid_call(&app, &id, "CapturePayment", LedgerOp::Capture);
+        let answer = call.join().unwrap();
+        assert!(
+            answer.refused().is_ok_and(|r| r.status == 409),
+            "the client was told otherwise"
+        );
+    });
+    // The hold cannot be released: its capture is being settled (or, if `Settle` ran first,
+    // is made).
+    match app.cancel(&id) {
+        testkit::client::Answer::Refused(r) => {
+            assert_eq!(r.status, 409, "{r:?}");
+            assert!(
+                r.message.contains("a capture of its hold is being settled")
+                    || r.message.contains("status completed"),
+                "{r:?}"
+            );
+        }
+        testkit::client::Answer::Ok(p) => panic!("released after a capture: {p:?}"),
+    }
+    wait_until(SETTLE_TIMEOUT, "the capture to settle", || {
+        Ok(app.payment(&id).status != PaymentStatus::Authorized)
+    })
+    .unwrap();
+    let end = app.payment(&id);
+    assert_eq!(end.status, PaymentStatus::Completed, "{end:?}");
+    assert_eq!(end.amount_captured, 1200);
+    let captures = app.moved_money(&id, LedgerOp::Capture);
+    assert_eq!(captures.len(), 1, "{captures:#?}");
+    assert_eq!(captures[0].amount, 1200);
+    assert!(app.moved_money(&id, LedgerOp::Cancel).is_empty());
+}
