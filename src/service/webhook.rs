@@ -9,7 +9,8 @@
 //! and retries it for up to three days, and every delivery of one event runs `Confirm` once
 //! (the key is kept 7 days). Events arrive in any order: `Confirm` acts only on a payment still
 //! waiting on what the event says (a charge or a hold's capture or release whose outcome is
-//! unknown) and ignores the rest, so a late or repeated event changes nothing.
+//! unknown) and ignores the rest, so a late or repeated event changes nothing. Event IDs are
+//! logged escaped, as every value a caller sends.
 
 use std::time::Duration;
 
@@ -110,7 +111,7 @@ impl StripeWebhooks {
             }));
         };
         let Some(payment_id) = event.payment_id.clone() else {
-            debug!(event_id = %event.id, "webhook for an intent of no payment of this service");
+            debug!(event_id = %event.id.escape_debug(), "webhook for an intent of no payment of this service");
             return Ok(Json(WebhookReceipt {
                 event_id: event.id,
                 payment_id: None,
@@ -130,7 +131,7 @@ impl StripeWebhooks {
                 IntentEventKind::Canceled => GatewayEventKind::Canceled,
             },
         };
-        info!(payment_id = %payment_id.escape_debug(), event_id = %event.id, "webhook received");
+        info!(payment_id = %payment_id.escape_debug(), event_id = %event.id.escape_debug(), "webhook received");
         ctx.object_client::<PaymentServiceClient>(payment_id.as_str())
             .confirm(Json(confirm))
             .idempotency_key(event.id.clone())
@@ -158,7 +159,7 @@ impl PaymentService {
         event: GatewayEvent,
     ) -> Result<(), TerminalError> {
         let Some((id, mut payment)) = stored_payment_if_any(ctx).await? else {
-            info!(event_id = %event.event_id, "event for a payment not stored here: ignored");
+            info!(event_id = %event.event_id.escape_debug(), "event for a payment not stored here: ignored");
             return Ok(());
         };
         let known = payment
@@ -168,7 +169,7 @@ impl PaymentService {
         match payment.status {
             PaymentStatus::Pending if !payment.canceling => {
                 if let Some(result) = event.charge_outcome(payment.capture) {
-                    info!(payment_id = %id, event_id = %event.event_id, "a gateway event settles the charge");
+                    info!(payment_id = %id, event_id = %event.event_id.escape_debug(), "a gateway event settles the charge");
                     let step = ChargeStep {
                         started_at: event.at,
                         result,
@@ -183,7 +184,7 @@ impl PaymentService {
                     .as_ref()
                     .and_then(|pending| event.hold_outcome(&pending.action));
                 if let Some(result) = outcome {
-                    info!(payment_id = %id, event_id = %event.event_id, "a gateway event settles the hold");
+                    info!(payment_id = %id, event_id = %event.event_id.escape_debug(), "a gateway event settles the hold");
                     let settled = payment.settle_hold(HoldStep {
                         started_at: event.at,
                         result,
@@ -194,7 +195,7 @@ impl PaymentService {
             }
             _ => {}
         }
-        debug!(payment_id = %id, event_id = %event.event_id, status = %payment.status, "event for a payment not waiting on it: ignored");
+        debug!(payment_id = %id, event_id = %event.event_id.escape_debug(), status = %payment.status, "event for a payment not waiting on it: ignored");
         Ok(())
     }
 }
