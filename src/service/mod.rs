@@ -13,9 +13,11 @@
 //! | 2 | set state `payment` | `pending`, visible to `GetPayment` while the charge runs     |
 //! | 3 | run `charge`        | the gateway call with key `charge:<id>`; its result carries  |
 //! |   |                     | both clock readings, `createdAt` and `completedAt`          |
-//! | 4 | set state `payment` | `completed`, `failed`, or still `pending` (outcome unknown)  |
+//! | 4 | set state `payment` | `completed`, `failed`, `authorized` (a hold), or still       |
+//! |   |                     | `pending` (outcome unknown)                                 |
 //! | 5 | run `receipt`       | the seed's receipt, only after a successful charge          |
 //! |   | or send `Settle`    | a delayed call to this object, when the outcome is unknown   |
+//! |   | or send `ExpireHold`| a hold: the delayed call that releases it at its window's end |
 //!
 //! A duplicate is step 1 and nothing else. A charge whose outcome stays unknown after the
 //! step's few attempts (a timeout, a reset, a 5xx) is never taken for a refusal: the payment stays
