@@ -133,16 +133,18 @@ fn a_slow_1_gib_create_payment_is_refused_before_a_few_mb_were_sent() {
     assert_nothing_stored_and_still_serving(app, &id);
 }
 
-/// The largest input the ingress admits (a body just under its 64 KiB limit, ~495 KB of
-/// headers: HTTP/1.1 headers of 520 KB were admitted, of 540 KB refused with 431) reaches the
+/// The largest input the ingress admits (a body just under its 64 KiB limit, ~440 KB of
+/// headers: HTTP/1.1 heads of 520 KB were admitted, of 540 KB refused with 431) reaches the
 /// service, headers and all, and is served: under the service's own bound, which it would
-/// otherwise hit on every retry.
+/// otherwise hit on every retry. Headers and body stay under 520 KB together: when the ingress
+/// reads the body before it has parsed the head (a busy machine), its read buffer holds both,
+/// and ~495 KB of headers were then refused with 431 now and then.
 #[test]
 fn the_largest_input_the_ingress_admits_is_served_once() {
     let app = spawn_app();
     let id = unique_id("largest-admitted");
     let body = padded_create_body(60 * 1024);
-    let names: Vec<String> = (0..90).map(|i| format!("x-padding-{i}")).collect();
+    let names: Vec<String> = (0..80).map(|i| format!("x-padding-{i}")).collect();
     let value = "h".repeat(5_500);
     let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), value.as_str())).collect();
     let (status, answer) = app.call_raw(&id, "CreatePayment", Some(body), &headers);
