@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use super::{
     CaptureRequest, CaptureResponse, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError,
     PaymentGateway, RefundRequest, RefundResponse, VoidHoldRequest, VoidRequest, VoidResponse,
-    refund_in_full,
+    refund_in_full, release_in_full,
 };
 use crate::stripe_sim::{
     Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults,
@@ -256,33 +256,16 @@ impl PaymentGateway for MockGateway {
             )
             .await?;
         match claim.body {
+            // Cancelled as a hold is released (canceled already, by an earlier void whose
+            // answer was lost, counts).
             Body::Intent(intent) => {
-                let cancel = Post::Cancel {
-                    intent: intent.id(),
-                };
-                let reply = self
-                    .post(
-                        &format!("{}:cancel", charge.idempotency_key),
-                        &charge.payment_id,
-                        cancel,
-                    )
-                    .await?;
-                match reply.body {
-                    Body::Intent(_) => Ok(VoidResponse::NothingCharged),
-                    // Already cancelled (by an earlier void whose answer was lost).
-                    Body::Error(e)
-                        if e.code == Some("payment_intent_unexpected_state")
-                            && e.payment_intent
-                                .as_ref()
-                                .is_some_and(|i| i.status == IntentStatus::Canceled) =>
-                    {
-                        Ok(VoidResponse::NothingCharged)
-                    }
-                    Body::Error(e) => Err(error_of(&e)),
-                    Body::Refund(_) => {
-                        Err(GatewayError::Unknown("a refund answered a cancel".into()))
-                    }
-                }
+                self.void_hold(VoidHoldRequest {
+                    idempotency_key: format!("{}:cancel", charge.idempotency_key),
+                    payment_id: charge.payment_id.clone(),
+                    charge_id: intent.id(),
+                })
+                .await?;
+                Ok(VoidResponse::NothingCharged)
             }
             // The charge reached the gateway first: what did it do?
             Body::Error(e) if e.kind == "idempotency_error" => {
@@ -292,13 +275,7 @@ impl PaymentGateway for MockGateway {
                         refund_in_full(self, &request, charge_id).await
                     }
                     ChargeResponse::Authorized { charge_id } => {
-                        self.void_hold(VoidHoldRequest {
-                            idempotency_key: request.refund_key.clone(),
-                            payment_id: charge.payment_id.clone(),
-                            charge_id,
-                        })
-                        .await?;
-                        Ok(VoidResponse::NothingCharged)
+                        release_in_full(self, &request, charge_id).await
                     }
                 }
             }

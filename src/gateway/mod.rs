@@ -146,6 +146,23 @@ pub async fn refund_in_full<G: PaymentGateway + ?Sized>(
     }
 }
 
+/// The release that voids `request.charge`, which placed the hold `charge_id`: nothing is
+/// taken. One place for both gateways and the service's look-up, as [`refund_in_full`].
+pub async fn release_in_full<G: PaymentGateway + ?Sized>(
+    gateway: &G,
+    request: &VoidRequest,
+    charge_id: String,
+) -> Result<VoidResponse, GatewayError> {
+    gateway
+        .void_hold(VoidHoldRequest {
+            idempotency_key: request.refund_key.clone(),
+            payment_id: request.charge.payment_id.clone(),
+            charge_id,
+        })
+        .await?;
+    Ok(VoidResponse::NothingCharged)
+}
+
 /// What the gateway holds for a payment, found without an idempotency key (its keys may have
 /// expired): the final look-up for a charge whose outcome stayed unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]

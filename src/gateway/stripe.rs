@@ -33,7 +33,7 @@ use super::mock::DECLINE_REASON;
 use super::{
     CaptureRequest, CaptureResponse, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError,
     PaymentGateway, RefundRequest, RefundResponse, VoidHoldRequest, VoidRequest, VoidResponse,
-    refund_in_full,
+    refund_in_full, release_in_full,
 };
 
 /// Stripe's own API.
@@ -198,19 +198,15 @@ impl StripeGateway {
             "succeeded" => return refund_in_full(self, request, intent.id).await,
             _ => {}
         }
-        let cancel_key = format!("{}:cancel", request.charge.idempotency_key);
-        match self.cancel_intent(&intent.id, &cancel_key).await {
-            Ok(_) => Ok(VoidResponse::NothingCharged),
-            Err(e) => match classify(&e) {
-                unknown @ GatewayError::Unknown(_) => Err(unknown),
-                // E.g. `payment_intent_unexpected_state`: canceled already (by an earlier void
-                // whose cancel key has expired since), or moved on. Its state tells.
-                rejected => match self.retrieve_intent(&intent.id).await?.status.as_str() {
-                    "canceled" => Ok(VoidResponse::NothingCharged),
-                    _ => Err(rejected),
-                },
-            },
-        }
+        // Cancelled as a hold is released: canceled already counts (an earlier void whose
+        // cancel key has expired since).
+        self.void_hold(VoidHoldRequest {
+            idempotency_key: format!("{}:cancel", request.charge.idempotency_key),
+            payment_id: request.charge.payment_id.clone(),
+            charge_id: intent.id,
+        })
+        .await?;
+        Ok(VoidResponse::NothingCharged)
     }
 }
 
@@ -278,13 +274,7 @@ impl PaymentGateway for StripeGateway {
                         refund_in_full(self, &request, charge_id).await
                     }
                     ChargeResponse::Authorized { charge_id } => {
-                        self.void_hold(VoidHoldRequest {
-                            idempotency_key: request.refund_key.clone(),
-                            payment_id: request.charge.payment_id.clone(),
-                            charge_id,
-                        })
-                        .await?;
-                        Ok(VoidResponse::NothingCharged)
+                        release_in_full(self, &request, charge_id).await
                     }
                     ChargeResponse::Declined { .. } => Ok(VoidResponse::NothingCharged),
                 }

@@ -113,6 +113,19 @@ impl PaymentService {
             }
             Err(e) => return Err(e),
         };
+        self.store_hold(ctx, id, payment, step, round)
+    }
+
+    /// A hold step's result (from the step, or from a gateway event) stored, and what follows
+    /// from it: the payment answered, a refusal for the client, or the next `Settle` round.
+    pub(super) fn store_hold(
+        &self,
+        ctx: &mut ObjectContext<'_>,
+        id: &PaymentId,
+        mut payment: Payment,
+        step: HoldStep,
+        round: u32,
+    ) -> Result<Payment, TerminalError> {
         let settled = payment.settle_hold(step);
         ctx.set(STATE_PAYMENT, Json(payment.clone()));
         settled?;

@@ -49,7 +49,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::gateway::{
     Attempted, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway,
-    RefundRequest as GatewayRefund, VoidHoldRequest, VoidRequest, VoidResponse, refund_in_full,
+    RefundRequest as GatewayRefund, VoidRequest, VoidResponse, refund_in_full, release_in_full,
     with_retries,
 };
 use crate::payment::{
@@ -891,15 +891,11 @@ async fn void_by_lookup(
         // A hold: released, nothing taken.
         Ok(ChargeLookup::Authorized { charge_id }) => {
             let released = with_retries(policy.retry, payment_id, "void hold", || {
-                gateway.void_hold(VoidHoldRequest {
-                    idempotency_key: request.refund_key.clone(),
-                    payment_id: payment_id.to_owned(),
-                    charge_id: charge_id.clone(),
-                })
+                release_in_full(gateway, request, charge_id.clone())
             })
             .await;
             return Attempted {
-                result: released.result.map(|()| VoidResponse::NothingCharged),
+                result: released.result,
                 attempts: found.attempts + released.attempts,
             };
         }

@@ -20,12 +20,12 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use super::hold::stored_payment_if_any;
-use super::{JsonBody, PaymentService, PaymentServiceClient, STATE_PAYMENT};
+use super::{JsonBody, PaymentService, PaymentServiceClient};
 use crate::gateway::webhook::{
     DEFAULT_TOLERANCE, IntentEventKind, WebhookSecret, parse_event, verify,
 };
 use crate::payment::{
-    ChargeStep, GatewayEvent, GatewayEventKind, HoldStep, PaymentError, PaymentStatus, Timestamp,
+    ChargeStep, GatewayEvent, GatewayEventKind, HoldStep, PaymentStatus, Timestamp,
 };
 
 /// The receiver of Stripe's webhooks (see the module doc).
@@ -158,7 +158,7 @@ impl PaymentService {
         ctx: &mut ObjectContext<'_>,
         event: GatewayEvent,
     ) -> Result<(), TerminalError> {
-        let Some((id, mut payment)) = stored_payment_if_any(ctx).await? else {
+        let Some((id, payment)) = stored_payment_if_any(ctx).await? else {
             info!(event_id = %event.event_id.escape_debug(), "event for a payment not stored here: ignored");
             return Ok(());
         };
@@ -185,12 +185,11 @@ impl PaymentService {
                     .and_then(|pending| event.hold_outcome(&pending.action));
                 if let Some(result) = outcome {
                     info!(payment_id = %id, event_id = %event.event_id.escape_debug(), "a gateway event settles the hold");
-                    let settled = payment.settle_hold(HoldStep {
+                    let step = HoldStep {
                         started_at: event.at,
                         result,
-                    });
-                    ctx.set(STATE_PAYMENT, Json(payment));
-                    return settled.map_err(|e: PaymentError| e.into());
+                    };
+                    return self.store_hold(ctx, &id, payment, step, 0).map(drop);
                 }
             }
             _ => {}
