@@ -80,6 +80,16 @@ pub struct Config {
     #[arg(long, env = "HOLD_EXPIRY", default_value = "7d", value_parser = parse_hold_expiry)]
     pub hold_expiry: Duration,
 
+    /// How long a charge the gateway accepted without a final word (Stripe's `processing`,
+    /// `requires_action`) waits for the gateway's webhook before the service looks it up; one
+    /// still waiting on the customer then is cancelled. At least 1s. E.g. `1h`, `2s`.
+    #[arg(long, env = "CONFIRM_DEADLINE", default_value = "1h", value_parser = parse_confirm_deadline)]
+    pub confirm_deadline: Duration,
+
+    /// Mock gateway: how long a charge of a customer `async-*` takes to settle by itself.
+    #[arg(long, env = "GATEWAY_SETTLE_DELAY", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub gateway_settle_delay: Duration,
+
     /// Mock gateway: milliseconds each call takes before the gateway acts.
     #[arg(long, env = "GATEWAY_DELAY_MS", default_value_t = 100)]
     pub gateway_delay_ms: u64,
@@ -248,6 +258,7 @@ impl Config {
             first_delay: self.settle_first_delay,
             max_delay: self.settle_max_delay,
             key_retention: self.gateway_key_retention,
+            confirm_deadline: self.confirm_deadline,
         }
     }
 
@@ -265,6 +276,7 @@ impl Config {
             ignore_idempotency_keys: self.gateway_unsafe_ignore_idempotency_keys,
             #[cfg(not(feature = "fault-injection"))]
             ignore_idempotency_keys: false,
+            settle_delay: self.gateway_settle_delay,
         }
     }
 }
@@ -279,6 +291,7 @@ impl MockConfig {
             format!("--{prefix}error-rate={}", self.error_rate),
             format!("--{prefix}drop-response-rate={}", self.drop_response_rate),
             format!("--{prefix}hang-rate={}", self.hang_rate),
+            format!("--{prefix}settle-delay={}ms", self.settle_delay.as_millis()),
         ]
     }
 
@@ -341,9 +354,17 @@ fn parse_webhook_secret(s: &str) -> Result<WebhookSecret, String> {
 
 /// A hold's window: at least a second (the timer that ends it is Restate's, in milliseconds).
 fn parse_hold_expiry(s: &str) -> Result<Duration, String> {
+    parse_at_least_a_second("the hold expiry", s)
+}
+
+fn parse_confirm_deadline(s: &str) -> Result<Duration, String> {
+    parse_at_least_a_second("the confirmation deadline", s)
+}
+
+fn parse_at_least_a_second(what: &str, s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d < Duration::from_secs(1) {
-        return Err(format!("the hold expiry must be at least 1s, got {s}"));
+        return Err(format!("{what} must be at least 1s, got {s}"));
     }
     Ok(d)
 }
@@ -400,6 +421,17 @@ mod tests {
     }
 
     #[test]
+    fn the_confirmation_deadline_is_a_duration_of_a_second_or_more() {
+        let config =
+            Config::try_parse_from(["payment-service", "--confirm-deadline", "3s"]).unwrap();
+        assert_eq!(
+            config.settle_policy().confirm_deadline,
+            Duration::from_secs(3)
+        );
+        assert!(Config::try_parse_from(["payment-service", "--confirm-deadline", "0s"]).is_err());
+    }
+
+    #[test]
     fn identity_keys_are_comma_separated() {
         let config = Config::try_parse_from([
             "payment-service",
@@ -440,6 +472,7 @@ mod tests {
             response_delay: Duration::from_millis(150),
             ledger: Some(PathBuf::from("/tmp/ledger.jsonl")),
             ignore_idempotency_keys: cfg!(feature = "fault-injection"),
+            settle_delay: Duration::from_millis(750),
         };
         let args = std::iter::once("payment-service".to_owned()).chain(mock.to_args());
         assert_eq!(Config::try_parse_from(args).unwrap().mock_gateway(), mock);

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use payment_service::gateway::webhook::WebhookSecret;
+use payment_service::stripe_sim::webhooks::{WebhookConfig, deliveries};
 use payment_service::stripe_sim::{Engine, Faults, SimConfig, SqliteStore, http};
 use payment_service::{server, telemetry};
 
@@ -48,6 +50,16 @@ struct Args {
     /// `sk_test_…` key is accepted.
     #[arg(long, env = "MOCK_GATEWAY_API_KEY")]
     api_key: Option<String>,
+    /// How long a processing intent (customers `async-*`) takes to settle by itself.
+    #[arg(long, env = "MOCK_GATEWAY_SETTLE_DELAY", default_value = "2s", value_parser = humantime::parse_duration)]
+    settle_delay: Duration,
+    /// Where to send webhooks for intents that settle by themselves (e.g. the payment
+    /// service's `http://<ingress>/StripeWebhooks/Receive`); unset, none are sent.
+    #[arg(long, env = "MOCK_GATEWAY_WEBHOOK_URL", requires = "webhook_secret")]
+    webhook_url: Option<String>,
+    /// The endpoint's signing secret (`whsec_…`), as the service's `STRIPE_WEBHOOK_SECRET`.
+    #[arg(long, env = "MOCK_GATEWAY_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Option<String>,
     /// Fault injection: act on every call as if its key were new.
     #[cfg(feature = "fault-injection")]
     #[arg(long, env = "MOCK_GATEWAY_UNSAFE_IGNORE_IDEMPOTENCY_KEYS")]
@@ -79,10 +91,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ignore_idempotency_keys: args.unsafe_ignore_idempotency_keys,
         #[cfg(not(feature = "fault-injection"))]
         ignore_idempotency_keys: false,
+        settle_delay: args.settle_delay,
     };
     let db = args.db.clone().unwrap_or_else(|| PathBuf::from(":memory:"));
     let store = SqliteStore::open(&db, args.ledger.as_deref())?;
     let engine = Arc::new(Engine::new(store, config)?);
+    let _settler = match (args.webhook_url.clone(), args.webhook_secret) {
+        (Some(url), Some(secret)) => engine.spawn_settler(deliveries(WebhookConfig {
+            url,
+            secret: WebhookSecret::new(secret),
+        })),
+        _ => engine.spawn_settler(drop),
+    };
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
         .with_context(|| format!("binding {}", args.bind))?;
@@ -93,6 +113,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ledger = ?args.ledger,
         delay_ms = args.delay_ms,
         ?faults,
+        webhook_url = args.webhook_url.as_deref(),
+        settle_delay = %humantime::format_duration(args.settle_delay),
         key_retention = %humantime::format_duration(args.key_retention),
         "mock-gateway listening"
     );

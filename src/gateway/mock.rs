@@ -13,11 +13,12 @@ use async_trait::async_trait;
 use super::{
     CaptureRequest, CaptureResponse, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError,
     PaymentGateway, RefundRequest, RefundResponse, VoidHoldRequest, VoidRequest, VoidResponse,
-    refund_in_full, release_in_full,
+    void_charged,
 };
 use crate::stripe_sim::{
-    Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, Engine, Faults,
-    IntentStatus, LedgerFault, MemoryStore, Metadata, Post, Reply, SimConfig,
+    Body, CreateIntent, CreateRefund, Currency, DEFAULT_KEY_RETENTION, DEFAULT_SETTLE_DELAY,
+    Engine, Faults, Intent, IntentStatus, LedgerFault, MemoryStore, Metadata, Post, Reply,
+    SimConfig,
 };
 
 pub use crate::stripe_sim::DECLINE_CUSTOMER_PREFIX;
@@ -48,6 +49,9 @@ pub struct MockConfig {
     /// Fault injection, never for production: act on every call as if its key were new.
     /// The crash test switches this on once to show that it then finds double charges.
     pub ignore_idempotency_keys: bool,
+    /// How long a processing charge (customers `async-*`) takes to settle by itself. In process
+    /// there is no webhook: the service learns of it at its confirmation deadline's look-up.
+    pub settle_delay: Duration,
 }
 
 impl Default for MockConfig {
@@ -62,6 +66,7 @@ impl Default for MockConfig {
             ledger: None,
             key_retention: DEFAULT_KEY_RETENTION,
             ignore_idempotency_keys: false,
+            settle_delay: DEFAULT_SETTLE_DELAY,
         }
     }
 }
@@ -93,6 +98,7 @@ impl MockGateway {
             decline_rate: config.decline_rate,
             key_retention: config.key_retention,
             ignore_idempotency_keys: config.ignore_idempotency_keys,
+            settle_delay: config.settle_delay,
         };
         sim.check()?;
         let store = match &config.ledger {
@@ -108,6 +114,7 @@ impl MockGateway {
 
     /// Sends one POST as the Stripe adapter would, with the configured faults.
     async fn post(&self, key: &str, payment_id: &str, post: Post) -> Result<Reply, GatewayError> {
+        self.settle_due().await?;
         let fault = self.faults.roll();
         match fault {
             // The request is lost on its way: the gateway never sees it.
@@ -142,8 +149,19 @@ impl MockGateway {
         Ok(reply)
     }
 
+    /// Processing charges settle when they are due; in process, that is checked at each call
+    /// rather than by a task of its own (the calls are all that can see them).
+    async fn settle_due(&self) -> Result<(), GatewayError> {
+        self.engine
+            .settle_due()
+            .await
+            .map(drop)
+            .map_err(|e| GatewayError::Unknown(format!("{e:#}")))
+    }
+
     /// What a look-up answers, with the faults a call meets before the gateway acts.
     async fn before_lookup(&self) -> Result<(), GatewayError> {
+        self.settle_due().await?;
         match self.faults.roll() {
             Some(LedgerFault::Error) | Some(LedgerFault::Drop) => {
                 Err(GatewayError::Unknown("simulated timeout".into()))
@@ -188,6 +206,10 @@ fn error_of(e: &crate::stripe_sim::ApiError) -> GatewayError {
     }
 }
 
+fn lookup_of(i: &Intent) -> ChargeLookup {
+    ChargeLookup::of_status(i.id(), i.status.as_str())
+}
+
 fn decline_reason(e: &crate::stripe_sim::ApiError) -> String {
     if e.decline_code == Some("insufficient_funds") {
         DECLINE_REASON.to_owned()
@@ -204,17 +226,7 @@ impl PaymentGateway for MockGateway {
             .post(&request.idempotency_key, &request.payment_id, post)
             .await?;
         match reply.body {
-            Body::Intent(i) if i.status == IntentStatus::Succeeded => {
-                Ok(ChargeResponse::Succeeded { charge_id: i.id() })
-            }
-            Body::Intent(i) if i.status == IntentStatus::RequiresCapture => {
-                Ok(ChargeResponse::Authorized { charge_id: i.id() })
-            }
-            Body::Intent(i) => Err(GatewayError::Unknown(format!(
-                "intent {} is {}",
-                i.id(),
-                i.status.as_str()
-            ))),
+            Body::Intent(i) => ChargeResponse::of_status(i.id(), i.status.as_str()),
             Body::Error(e) if e.status == 402 => Ok(ChargeResponse::Declined {
                 reason: decline_reason(&e),
             }),
@@ -269,15 +281,8 @@ impl PaymentGateway for MockGateway {
             }
             // The charge reached the gateway first: what did it do?
             Body::Error(e) if e.kind == "idempotency_error" => {
-                match self.charge(charge.clone()).await? {
-                    ChargeResponse::Declined { .. } => Ok(VoidResponse::NothingCharged),
-                    ChargeResponse::Succeeded { charge_id } => {
-                        refund_in_full(self, &request, charge_id).await
-                    }
-                    ChargeResponse::Authorized { charge_id } => {
-                        release_in_full(self, &request, charge_id).await
-                    }
-                }
+                let charged = self.charge(charge.clone()).await?;
+                void_charged(self, &request, charged).await
             }
             Body::Error(e) => Err(error_of(&e)),
             Body::Refund(_) => Err(GatewayError::Unknown("a refund answered a create".into())),
@@ -335,24 +340,25 @@ impl PaymentGateway for MockGateway {
             .search(payment_id.to_owned())
             .await
             .map_err(|e| GatewayError::Unknown(format!("{e:#}")))?;
-        let held = || {
-            intents
-                .iter()
-                .find(|i| i.status == IntentStatus::RequiresCapture)
-                .map(|i| ChargeLookup::Authorized { charge_id: i.id() })
-        };
-        Ok(
-            match intents.iter().find(|i| i.status == IntentStatus::Succeeded) {
-                Some(i) => ChargeLookup::Charged { charge_id: i.id() },
-                None if let Some(held) = held() => held,
-                None => ChargeLookup::NotCharged {
-                    reason: match intents.last() {
-                        None => "no charge for this payment".into(),
-                        Some(i) => format!("its intent {} is {}", i.id(), i.status.as_str()),
-                    },
-                },
-            },
-        )
+        Ok(intents
+            .iter()
+            .rev()
+            .map(lookup_of)
+            .min_by_key(ChargeLookup::rank)
+            .unwrap_or_else(|| ChargeLookup::NotCharged {
+                reason: "no charge for this payment".into(),
+            }))
+    }
+
+    async fn check_charge(&self, charge_id: &str) -> Result<ChargeLookup, GatewayError> {
+        self.before_lookup().await?;
+        match self.engine.retrieve(charge_id.to_owned()).await {
+            Ok(Some(intent)) => Ok(lookup_of(&intent)),
+            Ok(None) => Err(GatewayError::Rejected(format!(
+                "no such intent {charge_id}"
+            ))),
+            Err(e) => Err(GatewayError::Unknown(format!("{e:#}"))),
+        }
     }
 
     async fn find_refund(

@@ -19,6 +19,8 @@ pub mod stripe;
 pub mod webhook;
 
 use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 pub use self::stripe::{ApiKey, Intent, StripeConfig, StripeGateway};
 pub use ledger::{LedgerEntry, LedgerOp, LedgerOutcome, LedgerRead, read_ledger};
@@ -51,6 +53,64 @@ pub enum ChargeResponse {
     Declined {
         reason: String,
     },
+    /// Accepted, the outcome to come: the gateway settles it later and reports it by webhook
+    /// (Stripe's `processing`, `requires_action`). A key's replay answers this first word
+    /// even once the charge has settled: only [`PaymentGateway::check_charge`] tells how it
+    /// stands now.
+    Processing {
+        charge_id: String,
+        awaiting: Awaiting,
+    },
+}
+
+impl ChargeResponse {
+    /// The answer of a confirmed intent `charge_id` with Stripe's `status`: one reading for
+    /// both adapters. Any other status has no final word: an unknown outcome.
+    pub fn of_status(charge_id: String, status: &str) -> Result<Self, GatewayError> {
+        match status {
+            "succeeded" => Ok(Self::Succeeded { charge_id }),
+            "requires_capture" => Ok(Self::Authorized { charge_id }),
+            other => match Awaiting::parse(other) {
+                Some(awaiting) => Ok(Self::Processing {
+                    charge_id,
+                    awaiting,
+                }),
+                None => Err(GatewayError::Unknown(format!(
+                    "payment intent {charge_id} is {other}"
+                ))),
+            },
+        }
+    }
+}
+
+/// What a charge the gateway accepted without a final word waits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Awaiting {
+    /// The gateway: the money is on its way (a bank debit) and cannot be stopped; it ends
+    /// succeeded or declined by itself.
+    Processing,
+    /// The customer (e.g. 3-D Secure); cancelable until they act.
+    RequiresAction,
+}
+
+impl Awaiting {
+    /// Stripe's status word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processing => "processing",
+            Self::RequiresAction => "requires_action",
+        }
+    }
+
+    /// Reads Stripe's status word; `None` for any other status.
+    pub fn parse(status: &str) -> Option<Self> {
+        match status {
+            "processing" => Some(Self::Processing),
+            "requires_action" => Some(Self::RequiresAction),
+            _ => None,
+        }
+    }
 }
 
 /// A request to take (part of) a held charge.
@@ -163,6 +223,35 @@ pub async fn release_in_full<G: PaymentGateway + ?Sized>(
     Ok(VoidResponse::NothingCharged)
 }
 
+/// The void of `request.charge`, which reached the gateway and first answered `charged`
+/// (the key's replay): one place for both gateways. A charge that answered it is processing
+/// is looked at as it stands now: voided as made or declined, cancelled while it waits on the
+/// customer, or, while the money is on its way, an unknown outcome to try again later.
+pub async fn void_charged<G: PaymentGateway + ?Sized>(
+    gateway: &G,
+    request: &VoidRequest,
+    charged: ChargeResponse,
+) -> Result<VoidResponse, GatewayError> {
+    let now = match charged {
+        ChargeResponse::Declined { .. } => return Ok(VoidResponse::NothingCharged),
+        ChargeResponse::Succeeded { charge_id } => ChargeLookup::Charged { charge_id },
+        ChargeResponse::Authorized { charge_id } => ChargeLookup::Authorized { charge_id },
+        ChargeResponse::Processing { charge_id, .. } => gateway.check_charge(&charge_id).await?,
+    };
+    match now {
+        ChargeLookup::Charged { charge_id } => refund_in_full(gateway, request, charge_id).await,
+        ChargeLookup::Authorized { charge_id }
+        | ChargeLookup::Processing {
+            charge_id,
+            awaiting: Awaiting::RequiresAction,
+        } => release_in_full(gateway, request, charge_id).await,
+        ChargeLookup::NotCharged { .. } => Ok(VoidResponse::NothingCharged),
+        ChargeLookup::Processing { charge_id, .. } => Err(GatewayError::Unknown(format!(
+            "{charge_id} is processing: it cannot be cancelled before it settles"
+        ))),
+    }
+}
+
 /// What the gateway holds for a payment, found without an idempotency key (its keys may have
 /// expired): the final look-up for a charge whose outcome stayed unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,10 +263,45 @@ pub enum ChargeLookup {
     Authorized {
         charge_id: String,
     },
+    /// Accepted and not settled yet: no money taken so far, and some may still be.
+    Processing {
+        charge_id: String,
+        awaiting: Awaiting,
+    },
     /// No charge for the payment took money (none was made, or it was declined or cancelled).
     NotCharged {
         reason: String,
     },
+}
+
+impl ChargeLookup {
+    /// How an intent `charge_id` with Stripe's `status` stands: one reading for both adapters.
+    pub fn of_status(charge_id: String, status: &str) -> Self {
+        match status {
+            "succeeded" => Self::Charged { charge_id },
+            "requires_capture" => Self::Authorized { charge_id },
+            other => match Awaiting::parse(other) {
+                Some(awaiting) => Self::Processing {
+                    charge_id,
+                    awaiting,
+                },
+                None => Self::NotCharged {
+                    reason: format!("its intent {charge_id} is {other}"),
+                },
+            },
+        }
+    }
+
+    /// Which of several intents' look-ups speaks for the payment: money taken first, then
+    /// held, then what may still move; else nothing was charged.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Self::Charged { .. } => 0,
+            Self::Authorized { .. } => 1,
+            Self::Processing { .. } => 2,
+            Self::NotCharged { .. } => 3,
+        }
+    }
 }
 
 /// A call that got no final word, or whose request the gateway refused.
@@ -211,6 +335,8 @@ pub trait PaymentGateway: Send + Sync + 'static {
     async fn void_hold(&self, request: VoidHoldRequest) -> Result<(), GatewayError>;
     /// Whether the gateway took money for `payment_id`, whatever key it was sent with.
     async fn find_charge(&self, payment_id: &str) -> Result<ChargeLookup, GatewayError>;
+    /// How the charge `charge_id` stands now (its intent retrieved: no search, no key).
+    async fn check_charge(&self, charge_id: &str) -> Result<ChargeLookup, GatewayError>;
     /// The refund made for `request` (matched by its idempotency key), if the gateway has one.
     async fn find_refund(
         &self,

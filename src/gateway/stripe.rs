@@ -33,7 +33,7 @@ use super::mock::DECLINE_REASON;
 use super::{
     CaptureRequest, CaptureResponse, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError,
     PaymentGateway, RefundRequest, RefundResponse, VoidHoldRequest, VoidRequest, VoidResponse,
-    refund_in_full, release_in_full,
+    refund_in_full, void_charged,
 };
 
 /// Stripe's own API.
@@ -214,17 +214,7 @@ impl StripeGateway {
 impl PaymentGateway for StripeGateway {
     async fn charge(&self, request: ChargeRequest) -> Result<ChargeResponse, GatewayError> {
         match self.create_intent(&request, true).await {
-            Ok(intent) if intent.status == "succeeded" => Ok(ChargeResponse::Succeeded {
-                charge_id: intent.id,
-            }),
-            Ok(intent) if intent.status == "requires_capture" => Ok(ChargeResponse::Authorized {
-                charge_id: intent.id,
-            }),
-            // processing, requires_action, ...: no final word yet.
-            Ok(intent) => Err(GatewayError::Unknown(format!(
-                "payment intent {} is {}",
-                intent.id, intent.status
-            ))),
+            Ok(intent) => ChargeResponse::of_status(intent.id, &intent.status),
             // 402: the card was declined (Stripe's card errors); the intent is left
             // `requires_payment_method` and took no money.
             Err(StripeError::Stripe(error, 402)) => Ok(ChargeResponse::Declined {
@@ -269,15 +259,8 @@ impl PaymentGateway for StripeGateway {
             Err(StripeError::Stripe(error, 400))
                 if matches!(error.type_, ApiErrorsType::IdempotencyError) =>
             {
-                match self.charge(request.charge.clone()).await? {
-                    ChargeResponse::Succeeded { charge_id } => {
-                        refund_in_full(self, &request, charge_id).await
-                    }
-                    ChargeResponse::Authorized { charge_id } => {
-                        release_in_full(self, &request, charge_id).await
-                    }
-                    ChargeResponse::Declined { .. } => Ok(VoidResponse::NothingCharged),
-                }
+                let charged = self.charge(request.charge.clone()).await?;
+                void_charged(self, &request, charged).await
             }
             Err(e) => Err(classify(&e)),
         }
@@ -354,12 +337,17 @@ impl PaymentGateway for StripeGateway {
             }
             match found.next_page {
                 Some(next) if found.has_more => page = Some(next),
-                _ => return not_charged(payment_id, &seen),
+                _ => return Ok(not_charged(payment_id, seen)),
             }
         }
         Err(GatewayError::Unknown(format!(
             "more than {MAX_PAGES} pages of payment intents for payment {payment_id:?}"
         )))
+    }
+
+    async fn check_charge(&self, charge_id: &str) -> Result<ChargeLookup, GatewayError> {
+        let intent = self.retrieve_intent(charge_id).await?;
+        Ok(ChargeLookup::of_status(intent.id, &intent.status))
     }
 
     async fn find_refund(
@@ -450,18 +438,16 @@ struct RefundPage {
     has_more: bool,
 }
 
-fn not_charged(payment_id: &str, seen: &[Intent]) -> Result<ChargeLookup, GatewayError> {
-    if let Some(held) = seen.iter().find(|i| i.status == "requires_capture") {
-        return Ok(ChargeLookup::Authorized {
-            charge_id: held.id.clone(),
-        });
-    }
-    // Money may still move for this one: not a "no".
-    if let Some(open) = seen.iter().find(|i| i.status == "processing") {
-        return Err(GatewayError::Unknown(format!(
-            "payment intent {} of payment {payment_id:?} is {}",
-            open.id, open.status
-        )));
+/// The look-up of a payment none of whose intents `seen` succeeded: a hold, or one that may
+/// still take money (not a "no"), speaks for it; else nothing was charged.
+fn not_charged(payment_id: &str, seen: Vec<Intent>) -> ChargeLookup {
+    let pending = seen
+        .iter()
+        .map(|i| ChargeLookup::of_status(i.id.clone(), &i.status))
+        .filter(|l| !matches!(l, ChargeLookup::NotCharged { .. }))
+        .min_by_key(ChargeLookup::rank);
+    if let Some(pending) = pending {
+        return pending;
     }
     let reason = if seen.is_empty() {
         format!("no payment intent for payment {payment_id:?}")
@@ -475,7 +461,7 @@ fn not_charged(payment_id: &str, seen: &[Intent]) -> Result<ChargeLookup, Gatewa
             intents.join(", ")
         )
     };
-    Ok(ChargeLookup::NotCharged { reason })
+    ChargeLookup::NotCharged { reason }
 }
 
 /// Stripe's search query for the intents whose `metadata[payment_id]` is `payment_id`

@@ -12,10 +12,10 @@ pub mod types;
 
 pub use error::PaymentError;
 pub use model::{
-    ChargeOutcome, ChargeStep, GatewayEvent, GatewayEventKind, HoldAction, HoldOutcome,
+    Awaiting, ChargeOutcome, ChargeStep, GatewayEvent, GatewayEventKind, HoldAction, HoldOutcome,
     HoldRequest, HoldStep, Payment, PaymentResult, PaymentStatus, PendingHoldAction,
-    REASON_HOLD_CANCELED, REASON_HOLD_EXPIRED, Refund, RefundOutcome, RefundStatus, RefundStep,
-    VoidOutcome,
+    REASON_HOLD_CANCELED, REASON_HOLD_EXPIRED, REASON_NOT_CONFIRMED, Refund, RefundOutcome,
+    RefundStatus, RefundStep, VoidOutcome,
 };
 pub use request::{
     CaptureMethod, CapturePaymentBody, CaptureRequest, CreatePaymentBody, NewPayment, NoInput,

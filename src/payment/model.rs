@@ -3,8 +3,8 @@
 //! ```text
 //!   (none) ──create──▶ pending ──charged (or the look-up finds the charge)──▶ completed
 //!                       │  ▲ │                                                     │ a refund of part
-//!                       │  └─┘ outcome unknown: stays pending, settled              ▼
-//!                       │      later by the service itself                   partially_refunded
+//!                       │  └─┘ outcome unknown, or processing at the gateway:        ▼
+//!                       │      stays pending, settled later (webhook, look-up) partially_refunded
 //!                       │                                                          │ the refunds reach the amount
 //!                       │                                                          ▼ (or, from completed, a refund of all)
 //!                       │                                                       refunded (final)
@@ -21,6 +21,8 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::gateway::Awaiting;
+
 use super::{
     Amount, CaptureMethod, Currency, NewPayment, PaymentError, PaymentId, RefundAmount, Timestamp,
     epoch_millis,
@@ -35,6 +37,11 @@ pub const MSG_REFUNDED: &str = "Refund processed successfully";
 /// The message of a payment whose charge's outcome is not known yet.
 pub const MSG_PENDING: &str =
     "Payment pending: the gateway's answer is not known yet; the service settles it by itself";
+/// The message of a payment the gateway is still processing.
+pub const MSG_PROCESSING: &str = "Payment pending: the gateway accepted it and confirms it later; the service settles it by itself";
+/// The reason a payment fails whose customer did not act by its confirmation deadline.
+pub const REASON_NOT_CONFIRMED: &str =
+    "not confirmed by the customer before its deadline: the gateway's intent is canceled";
 /// The message of a payment whose money is held.
 pub const MSG_AUTHORIZED: &str = "Payment authorized: the amount is held until CapturePayment, CancelPayment or the hold's expiry";
 /// The message of a hold whose capture or release has an outcome not known yet.
@@ -154,6 +161,15 @@ pub struct Payment {
     /// gateway is called, so that whatever cuts it off, it resumes as first requested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_action: Option<PendingHoldAction>,
+    /// A pending charge the gateway accepted without a final word (`chargeId` names it):
+    /// `processing` (the money is on its way) or `requires_action` (the customer must act).
+    /// The gateway's webhook settles it; at `confirmBy` the service looks it up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting: Option<Awaiting>,
+    /// When the service stops waiting for the webhook and looks the charge up
+    /// (`--confirm-deadline` after it was accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_by: Option<Timestamp>,
 }
 
 /// What is done with a hold.
@@ -275,6 +291,14 @@ pub enum ChargeOutcome {
     Rejected { reason: String },
     /// The look-up, once the key could no longer settle it, found that no money moved.
     NotCharged { reason: String },
+    /// The gateway accepted the charge without a final word: it settles later.
+    #[serde(rename_all = "camelCase")]
+    Processing {
+        charge_id: String,
+        awaiting: Awaiting,
+        #[serde(with = "epoch_millis")]
+        at: Timestamp,
+    },
     /// No final word within the step's attempts: the payment stays pending.
     Unknown { reason: String, attempts: u32 },
 }
@@ -398,6 +422,8 @@ impl Payment {
             hold_expires_at: None,
             amount_captured: 0,
             hold_action: None,
+            awaiting: None,
+            confirm_by: None,
         }
     }
 
@@ -407,6 +433,13 @@ impl Payment {
     pub fn settle(&mut self, step: ChargeStep) {
         debug_assert_eq!(self.status, PaymentStatus::Pending);
         self.created_at.get_or_insert(step.started_at);
+        if !matches!(
+            step.result,
+            ChargeOutcome::Processing { .. } | ChargeOutcome::Unknown { .. }
+        ) {
+            self.awaiting = None;
+            self.confirm_by = None;
+        }
         match step.result {
             ChargeOutcome::Charged { charge_id, at } => {
                 self.status = PaymentStatus::Completed;
@@ -424,6 +457,9 @@ impl Payment {
             | ChargeOutcome::Rejected { reason }
             | ChargeOutcome::NotCharged { reason } => {
                 self.status = PaymentStatus::Failed;
+                // Nothing charged: an intent accepted first and declined or cancelled later
+                // is no charge.
+                self.charge_id = None;
                 self.error_msg = Some(reason);
                 self.last_error = None;
             }
@@ -431,12 +467,23 @@ impl Payment {
                 self.attempts += attempts;
                 self.last_error = Some(reason);
             }
+            ChargeOutcome::Processing {
+                charge_id,
+                awaiting,
+                at: _,
+            } => {
+                self.charge_id = Some(charge_id);
+                self.awaiting = Some(awaiting);
+                self.last_error = None;
+            }
         }
     }
 
-    /// Whether the charge's outcome is unknown and the service is settling it by itself.
+    /// Whether the charge's outcome is not known yet (unknown, or processing at the gateway)
+    /// and the service is settling it by itself.
     pub fn is_settling(&self) -> bool {
-        self.status == PaymentStatus::Pending && (self.attempts > 0 || self.canceling)
+        self.status == PaymentStatus::Pending
+            && (self.attempts > 0 || self.canceling || self.awaiting.is_some())
     }
 
     /// What a charge took: the amount, or for a hold, what its capture took.
@@ -793,6 +840,7 @@ impl PaymentResult {
     pub fn settled(payment: &Payment) -> Self {
         let message = match (&payment.status, &payment.error_msg) {
             (PaymentStatus::Failed | PaymentStatus::Canceled, Some(reason)) => reason.clone(),
+            (PaymentStatus::Pending, _) if payment.awaiting.is_some() => MSG_PROCESSING.to_owned(),
             (PaymentStatus::Pending, _) => MSG_PENDING.to_owned(),
             (PaymentStatus::Authorized, _) => match &payment.hold_action {
                 Some(p) if p.attempts > 0 => MSG_HOLD_ACTION_PENDING.to_owned(),

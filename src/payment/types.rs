@@ -187,6 +187,12 @@ impl PaymentId {
     pub fn void_hold_key(&self) -> String {
         format!("void-hold:{}", self.0)
     }
+
+    /// The gateway idempotency key of the cancel of a charge the customer did not confirm by
+    /// its deadline.
+    pub fn unconfirmed_cancel_key(&self) -> String {
+        format!("cancel-unconfirmed:{}", self.0)
+    }
 }
 
 impl fmt::Display for PaymentId {

@@ -251,6 +251,13 @@ impl PaymentService {
                                     reason: format!("the hold is gone at the gateway ({reason}; {why})"),
                                 }
                             }
+                            // Not a hold's state: asked again later.
+                            (Ok(ChargeLookup::Processing { charge_id, awaiting }), _) => {
+                                HoldOutcome::Unknown {
+                                    reason: format!("{reason}; then {charge_id} is {}", awaiting.as_str()),
+                                    attempts: attempts + found.attempts,
+                                }
+                            }
                             (Err(e), _) => HoldOutcome::Unknown {
                                 reason: format!("{reason}; then {e}"),
                                 attempts: attempts + found.attempts,

@@ -48,9 +48,9 @@ use restate_sdk::prelude::*;
 use tracing::{debug, error, info, warn};
 
 use crate::gateway::{
-    Attempted, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway,
-    RefundRequest as GatewayRefund, VoidRequest, VoidResponse, refund_in_full, release_in_full,
-    with_retries,
+    Attempted, Awaiting, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway,
+    RefundRequest as GatewayRefund, VoidHoldRequest, VoidRequest, VoidResponse, refund_in_full,
+    release_in_full, with_retries,
 };
 use crate::payment::{
     CaptureMethod, CapturePaymentBody, ChargeOutcome, ChargeStep, CreatePaymentBody, GatewayEvent,
@@ -339,7 +339,17 @@ impl PaymentService {
         step: ChargeStep,
         round: u32,
     ) -> Result<PaymentResult, TerminalError> {
+        let was_accepted = payment.awaiting.is_some();
+        let accepted_at = match &step.result {
+            ChargeOutcome::Processing { at, .. } => Some(*at),
+            _ => None,
+        };
         payment.settle(step);
+        let newly_accepted = !was_accepted && payment.awaiting.is_some();
+        if newly_accepted {
+            payment.confirm_by =
+                accepted_at.and_then(|at| at.checked_add(self.policy.confirm_deadline));
+        }
         if payment.status == PaymentStatus::Authorized {
             payment.hold_expires_at = payment
                 .authorized_at
@@ -381,6 +391,28 @@ impl PaymentService {
                     .expire_hold()
                     .send_after(self.hold_expiry);
             }
+            PaymentStatus::Pending if newly_accepted => {
+                let confirm_by = payment.confirm_by.map(|at| at.to_string());
+                info!(
+                    payment_id = %id,
+                    charge_id = payment.charge_id.as_deref(),
+                    awaiting = payment.awaiting.map(Awaiting::as_str),
+                    confirm_by = confirm_by.as_deref(),
+                    "charge accepted without a final word: pending until the gateway's webhook, or the look-up at its deadline"
+                );
+                ctx.object_client::<PaymentServiceClient>(id.as_str())
+                    .settle(Json(SettleRound { round: 0 }))
+                    .send_after(self.policy.confirm_deadline);
+            }
+            PaymentStatus::Pending if payment.awaiting.is_some() => {
+                info!(
+                    payment_id = %id,
+                    charge_id = payment.charge_id.as_deref(),
+                    awaiting = payment.awaiting.map(Awaiting::as_str),
+                    "charge still not settled at the gateway: looked up again later"
+                );
+                self.schedule(ctx, id, round);
+            }
             PaymentStatus::Pending => {
                 warn!(
                     payment_id = %id,
@@ -412,13 +444,20 @@ impl PaymentService {
         let request = charge_request(id, payment);
         let (gateway, policy) = (Arc::clone(&self.gateway), self.policy);
         let first = payment.created_at;
+        // Accepted without a final word: the key's replay would answer that first word again,
+        // so the charge is looked at as it stands now.
+        let accepted = payment.charge_id.clone().zip(payment.awaiting);
+        let (confirm_by, cancel_key) = (payment.confirm_by, id.unconfirmed_cancel_key());
         let Json(step) = ctx
             .run(|| async move {
                 let started_at = Timestamp::now();
                 let payment_id = request.payment_id.as_str();
                 // A first charge is always sent: the look-up is only for a key sent before.
                 let key_alive = first.is_none_or(|first| policy.key_alive(first, started_at));
-                let result = if key_alive {
+                let result = if let Some((charge_id, _)) = accepted {
+                    let past_deadline = confirm_by.is_none_or(|by| started_at >= by);
+                    check_accepted(&*gateway, policy, payment_id, charge_id, past_deadline, cancel_key).await
+                } else if key_alive {
                     debug!(%payment_id, idempotency_key = %request.idempotency_key, "charging through the gateway");
                     let Attempted { result, attempts } =
                         with_retries(policy.retry, payment_id, "charge", || {
@@ -439,6 +478,14 @@ impl PaymentService {
                         Ok(ChargeResponse::Declined { reason }) => {
                             ChargeOutcome::Declined { reason }
                         }
+                        Ok(ChargeResponse::Processing {
+                            charge_id,
+                            awaiting,
+                        }) => ChargeOutcome::Processing {
+                            charge_id,
+                            awaiting,
+                            at: Timestamp::now(),
+                        },
                         Err(GatewayError::Rejected(reason)) => ChargeOutcome::Rejected { reason },
                         Err(GatewayError::Unknown(reason)) => {
                             ChargeOutcome::Unknown { reason, attempts }
@@ -451,23 +498,7 @@ impl PaymentService {
                             gateway.find_charge(payment_id)
                         })
                         .await;
-                    match result {
-                        Ok(ChargeLookup::Charged { charge_id }) => ChargeOutcome::Charged {
-                            charge_id,
-                            at: Timestamp::now(),
-                        },
-                        Ok(ChargeLookup::Authorized { charge_id }) => ChargeOutcome::Authorized {
-                            charge_id,
-                            at: Timestamp::now(),
-                        },
-                        Ok(ChargeLookup::NotCharged { reason }) => ChargeOutcome::NotCharged {
-                            reason: format!("the gateway never charged it: {reason}"),
-                        },
-                        Err(e) => ChargeOutcome::Unknown {
-                            reason: e.to_string(),
-                            attempts,
-                        },
-                    }
+                    lookup_outcome(result, attempts)
                 };
                 Ok(Json(ChargeStep { started_at, result }))
             })
@@ -862,6 +893,76 @@ fn charge_request(id: &PaymentId, payment: &Payment) -> ChargeRequest {
     }
 }
 
+/// What a look-up found, as a charge step's outcome.
+fn lookup_outcome(found: Result<ChargeLookup, GatewayError>, attempts: u32) -> ChargeOutcome {
+    let at = Timestamp::now();
+    match found {
+        Ok(ChargeLookup::Charged { charge_id }) => ChargeOutcome::Charged { charge_id, at },
+        Ok(ChargeLookup::Authorized { charge_id }) => ChargeOutcome::Authorized { charge_id, at },
+        Ok(ChargeLookup::Processing {
+            charge_id,
+            awaiting,
+        }) => ChargeOutcome::Processing {
+            charge_id,
+            awaiting,
+            at,
+        },
+        Ok(ChargeLookup::NotCharged { reason }) => ChargeOutcome::NotCharged {
+            reason: format!("the gateway never charged it: {reason}"),
+        },
+        Err(e) => ChargeOutcome::Unknown {
+            reason: e.to_string(),
+            attempts,
+        },
+    }
+}
+
+/// A charge the gateway accepted without a final word, looked at as it stands now. Past its
+/// deadline, one still waiting on the customer is cancelled (with `cancel_key`): the payment
+/// fails, nothing charged. A cancel the gateway refuses (the customer acted meanwhile) leaves
+/// the outcome to the next look-up.
+async fn check_accepted(
+    gateway: &dyn PaymentGateway,
+    policy: SettlePolicy,
+    payment_id: &str,
+    charge_id: String,
+    past_deadline: bool,
+    cancel_key: String,
+) -> ChargeOutcome {
+    let found = with_retries(policy.retry, payment_id, "check charge", || {
+        gateway.check_charge(&charge_id)
+    })
+    .await;
+    let attempts = found.attempts;
+    match found.result {
+        Ok(ChargeLookup::Processing {
+            charge_id,
+            awaiting: Awaiting::RequiresAction,
+        }) if past_deadline => {
+            info!(%payment_id, %charge_id, "not confirmed by the customer before its deadline: cancelling it");
+            let cancel = VoidHoldRequest {
+                idempotency_key: cancel_key,
+                payment_id: payment_id.to_owned(),
+                charge_id,
+            };
+            let cancelled = with_retries(policy.retry, payment_id, "cancel unconfirmed", || {
+                gateway.void_hold(cancel.clone())
+            })
+            .await;
+            match cancelled.result {
+                Ok(()) => ChargeOutcome::NotCharged {
+                    reason: crate::payment::REASON_NOT_CONFIRMED.to_owned(),
+                },
+                Err(e) => ChargeOutcome::Unknown {
+                    reason: e.to_string(),
+                    attempts: attempts + cancelled.attempts,
+                },
+            }
+        }
+        found => lookup_outcome(found, attempts),
+    }
+}
+
 /// A void once the charge's key nears its expiry: the gateway's records decide. Nothing is in
 /// flight by then (every attempt has its own timeout, long over).
 async fn void_by_lookup(
@@ -888,8 +989,26 @@ async fn void_by_lookup(
             };
         }
         Ok(ChargeLookup::Charged { charge_id }) => charge_id,
-        // A hold: released, nothing taken.
-        Ok(ChargeLookup::Authorized { charge_id }) => {
+        // Still on its way: voided once it settles.
+        Ok(ChargeLookup::Processing {
+            charge_id,
+            awaiting: Awaiting::Processing,
+        }) => {
+            return Attempted {
+                result: Err(GatewayError::Unknown(format!(
+                    "{charge_id} is processing: it cannot be cancelled before it settles"
+                ))),
+                attempts: found.attempts,
+            };
+        }
+        // A hold, or a charge waiting on the customer: released, nothing taken.
+        Ok(
+            ChargeLookup::Authorized { charge_id }
+            | ChargeLookup::Processing {
+                charge_id,
+                awaiting: Awaiting::RequiresAction,
+            },
+        ) => {
             let released = with_retries(policy.retry, payment_id, "void hold", || {
                 release_in_full(gateway, request, charge_id.clone())
             })

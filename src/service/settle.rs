@@ -23,6 +23,9 @@ pub struct SettlePolicy {
     /// again well within it: after it, the same key could charge a second time. Past it, the
     /// service looks the payment up instead.
     pub key_retention: Duration,
+    /// How long a charge the gateway accepted without a final word waits for its webhook
+    /// before the service looks it up.
+    pub confirm_deadline: Duration,
 }
 
 impl Default for SettlePolicy {
@@ -34,6 +37,7 @@ impl Default for SettlePolicy {
             first_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(5 * 60),
             key_retention: Duration::from_secs(24 * 60 * 60),
+            confirm_deadline: Duration::from_secs(60 * 60),
         }
     }
 }

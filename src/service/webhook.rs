@@ -167,7 +167,9 @@ impl PaymentService {
             .as_deref()
             .is_none_or(|c| c == event.charge_id);
         match payment.status {
-            PaymentStatus::Pending if !payment.canceling => {
+            // A charge accepted without a final word names its intent: only that one's
+            // events settle it.
+            PaymentStatus::Pending if !payment.canceling && known => {
                 if let Some(result) = event.charge_outcome(payment.capture) {
                     info!(payment_id = %id, event_id = %event.event_id.escape_debug(), "a gateway event settles the charge");
                     let step = ChargeStep {

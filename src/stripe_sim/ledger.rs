@@ -11,7 +11,9 @@
 //! with other parameters or still in use, a refund above what is left, a cancel of a succeeded
 //! intent) or `failed` (an injected 5xx, 429 or hang, before acting). Intents created without
 //! confirming (`op` `create`) and cancels (`op` `cancel`, a hold's release among them) move no
-//! money.
+//! money. A confirmation that settles later (`op` `process`: processing, or waiting on the
+//! customer) moves none either; its settlement is a line of its own, with no idempotency key
+//! (the gateway acting by itself): `charge` or `authorize`, `succeeded` or `declined`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -35,6 +37,9 @@ pub enum LedgerOp {
     Authorize,
     /// A hold captured: money taken (`amount`, when it is less than the hold).
     Capture,
+    /// A PaymentIntent confirmed that settles later (`processing`, with `settlesAt`) or waits
+    /// on the customer (`requires_action`): no money yet.
+    Process,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +94,13 @@ pub struct LedgerEntry {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<LedgerFault>,
+    /// A `process` line's intent settles by itself then (milliseconds since the Unix epoch);
+    /// without it, the intent waits on the customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settles_at: Option<u64>,
+    /// A `process` line's intent was created with manual capture: it settles to a hold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub manual_capture: bool,
 }
 
 impl LedgerEntry {
@@ -113,6 +125,8 @@ impl LedgerEntry {
             intent: None,
             error: None,
             fault: None,
+            settles_at: None,
+            manual_capture: false,
         }
     }
 

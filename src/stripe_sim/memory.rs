@@ -169,7 +169,7 @@ impl MemoryStore {
             (None, Some(id))
                 if matches!(
                     e.op,
-                    LedgerOp::Charge | LedgerOp::Create | LedgerOp::Authorize
+                    LedgerOp::Charge | LedgerOp::Create | LedgerOp::Authorize | LedgerOp::Process
                 ) =>
             {
                 Some(model::parse_intent_id(id).context("unreadable intent ID")?)
@@ -188,7 +188,7 @@ impl MemoryStore {
             Some(intent) => intent,
             None if matches!(
                 e.op,
-                LedgerOp::Charge | LedgerOp::Create | LedgerOp::Authorize
+                LedgerOp::Charge | LedgerOp::Create | LedgerOp::Authorize | LedgerOp::Process
             ) && e.outcome != LedgerOutcome::Rejected =>
             {
                 let metadata = Metadata::new(vec![("payment_id".into(), e.payment_id.clone())]);
@@ -203,8 +203,9 @@ impl MemoryStore {
                     canceled_at: None,
                     declined: false,
                     refunds: Vec::new(),
-                    capture_manual: e.op == LedgerOp::Authorize,
+                    capture_manual: e.op == LedgerOp::Authorize || e.manual_capture,
                     amount_captured: None,
+                    settles_at: None,
                 }
             }
             // A call for an intent that was never there (404): nothing to rebuild.
@@ -213,14 +214,25 @@ impl MemoryStore {
         };
         let (kind, n) = match (e.op, e.outcome) {
             (LedgerOp::Create, LedgerOutcome::Succeeded) => (AnswerKind::Intent, 0),
+            (LedgerOp::Process, LedgerOutcome::Succeeded) => {
+                intent.status = match e.settles_at {
+                    Some(_) => IntentStatus::Processing,
+                    None => IntentStatus::RequiresAction,
+                };
+                intent.settles_at = e.settles_at;
+                intent.declined = false;
+                (AnswerKind::Intent, intent.refunds.len())
+            }
             (LedgerOp::Charge, LedgerOutcome::Succeeded) => {
                 intent.status = IntentStatus::Succeeded;
+                intent.settles_at = None;
                 intent.declined = false;
                 (AnswerKind::Intent, intent.refunds.len())
             }
             (LedgerOp::Authorize, LedgerOutcome::Succeeded) => {
                 intent.capture_manual = true;
                 intent.status = IntentStatus::RequiresCapture;
+                intent.settles_at = None;
                 intent.declined = false;
                 (AnswerKind::Intent, intent.refunds.len())
             }
@@ -231,6 +243,7 @@ impl MemoryStore {
             }
             (LedgerOp::Charge | LedgerOp::Authorize, LedgerOutcome::Declined) => {
                 intent.status = IntentStatus::RequiresPaymentMethod;
+                intent.settles_at = None;
                 intent.declined = true;
                 (AnswerKind::Declined, intent.refunds.len())
             }
@@ -323,6 +336,7 @@ impl MemoryStore {
             refunds,
             capture_manual: false,
             amount_captured: None,
+            settles_at: None,
         }
     }
 
@@ -459,5 +473,17 @@ impl Store for MemoryStore {
             shard.retain(|_, rec| rec.at >= at);
         }
         Ok(before - self.keys.len())
+    }
+
+    fn settling(&mut self) -> anyhow::Result<Vec<Intent>> {
+        // Never slim: only a succeeded intent is.
+        Ok(self
+            .full
+            .0
+            .iter()
+            .flat_map(HashMap::values)
+            .filter(|i| i.settles_at.is_some())
+            .cloned()
+            .collect())
     }
 }

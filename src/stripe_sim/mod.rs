@@ -22,8 +22,9 @@ pub mod ledger;
 mod memory;
 pub mod model;
 mod sqlite;
+pub mod webhooks;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,7 +34,8 @@ use uuid::Uuid;
 pub use ledger::{Ledger, LedgerEntry, LedgerFault, LedgerOp, LedgerOutcome};
 pub use memory::MemoryStore;
 pub use model::{
-    AnswerKind, ApiError, Body, Currency, DECLINE_CUSTOMER_PREFIX, DECLINING_PAYMENT_METHODS,
+    ACTION_CUSTOMER_PREFIX, ASYNC_CUSTOMER_PREFIX, ASYNC_DECLINE_CUSTOMER_PREFIX, AnswerKind,
+    ApiError, Body, Currency, DECLINE_CUSTOMER_PREFIX, DECLINING_PAYMENT_METHODS,
     INSUFFICIENT_FUNDS_MESSAGE, Intent, IntentStatus, KeyRecord, Metadata, Refund, RefundView,
     Reply,
 };
@@ -50,7 +52,13 @@ pub struct SimConfig {
     pub key_retention: Duration,
     /// Fault injection, never for production: act on every call as if its key were new.
     pub ignore_idempotency_keys: bool,
+    /// How long a processing intent (customers `async-*`) takes to settle by itself.
+    pub settle_delay: Duration,
 }
+
+/// How long a processing intent takes to settle by default: long enough that the service sees
+/// it pending, short enough for a walkthrough.
+pub const DEFAULT_SETTLE_DELAY: Duration = Duration::from_secs(2);
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -58,6 +66,7 @@ impl Default for SimConfig {
             decline_rate: 0.0,
             key_retention: DEFAULT_KEY_RETENTION,
             ignore_idempotency_keys: false,
+            settle_delay: DEFAULT_SETTLE_DELAY,
         }
     }
 }
@@ -302,6 +311,8 @@ pub trait Store: Send + 'static {
     fn commit(&mut self, commit: Commit<'_>) -> anyhow::Result<()>;
     /// Forgets the keys first used before `at` (seconds since the epoch).
     fn forget_keys_before(&mut self, at: u32) -> anyhow::Result<usize>;
+    /// The processing intents, which settle by themselves (read once, at start).
+    fn settling(&mut self) -> anyhow::Result<Vec<Intent>>;
 }
 
 /// One call's effects.
@@ -345,6 +356,17 @@ struct Inner<S> {
     in_flight: HashMap<u128, u64>,
     digest: Digester,
     last_sweep: u32,
+    /// Processing intents by when they settle (milliseconds since the epoch).
+    due: BTreeSet<(u64, Uuid)>,
+}
+
+/// What a processing intent settled to by itself: what a webhook reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// Stripe's event type: `payment_intent.succeeded`, `payment_intent.amount_capturable_updated`
+    /// or `payment_intent.payment_failed`.
+    pub event_type: &'static str,
+    pub intent: Intent,
 }
 
 /// Two SipHash functions with independent random keys: a 128-bit digest of a key.
@@ -401,18 +423,25 @@ impl<S: Store> Engine<S> {
         Self::with_clock(store, config, system_clock())
     }
 
-    pub fn with_clock(store: S, config: SimConfig, clock: Clock) -> anyhow::Result<Self> {
+    pub fn with_clock(mut store: S, config: SimConfig, clock: Clock) -> anyhow::Result<Self> {
         config.check()?;
         if config.ignore_idempotency_keys {
             tracing::warn!("gateway ignores idempotency keys: retried calls will act again");
         }
         let now = (clock() / 1000) as u32;
+        // A processing intent settles whether or not the gateway was restarted meanwhile.
+        let due = store
+            .settling()?
+            .into_iter()
+            .filter_map(|i| Some((i.settles_at?, i.id)))
+            .collect();
         Ok(Self {
             inner: Mutex::new(Inner {
                 store,
                 in_flight: HashMap::new(),
                 digest: Digester::default(),
                 last_sweep: now,
+                due,
             }),
             config,
             clock,
@@ -604,19 +633,25 @@ impl<S: Store> Engine<S> {
         if let Some(digest) = digest {
             inner.in_flight.remove(&digest);
         }
-        let (reply, rec, intent) = self.act(&mut inner.store, post, fingerprint, now)?;
+        let (reply, rec, intent) = self.act(&mut inner.store, post, fingerprint, now_ms)?;
         if let Some(line) = line.as_mut() {
             describe(line, &reply);
         }
+        let stored = match &intent {
+            Stored::Nothing => None,
+            Stored::Own(intent) => Some(intent),
+            Stored::Answered => reply.intent(),
+        };
         inner.store.commit(Commit {
             key: key.zip(rec),
-            intent: match &intent {
-                Stored::Nothing => None,
-                Stored::Own(intent) => Some(intent),
-                Stored::Answered => reply.intent(),
-            },
+            intent: stored,
             line: line.as_ref(),
         })?;
+        if let Some(i) = stored
+            && let Some(at) = i.settles_at
+        {
+            inner.due.insert((at, i.id));
+        }
         self.sweep(inner, now)?;
         Ok(Step::Done(reply))
     }
@@ -648,11 +683,36 @@ impl<S: Store> Engine<S> {
             || (self.config.decline_rate > 0.0 && rand::random::<f64>() < self.config.decline_rate)
     }
 
-    /// Confirms `intent`: succeeded, or declined (402 with the intent). The intent moves into
-    /// the answer (no copy: the store reads it from there, [`Reply::intent`]).
-    fn confirm(&self, mut intent: Intent, payment_method: Option<&str>) -> (Reply, AnswerKind) {
+    /// Confirms `intent`: succeeded (or held), declined (402 with the intent), or, for the
+    /// customers that pay later, processing or waiting on an action. The intent moves into the
+    /// answer (no copy: the store reads it from there, [`Reply::intent`]).
+    fn confirm(
+        &self,
+        mut intent: Intent,
+        payment_method: Option<&str>,
+        now_ms: u64,
+    ) -> (Reply, AnswerKind) {
         if let Some(pm) = payment_method {
             intent.payment_method = Some(pm.into());
+        }
+        let customer = intent.metadata.get("customer_id").unwrap_or_default();
+        let later = if customer.starts_with(ASYNC_CUSTOMER_PREFIX) {
+            Some(IntentStatus::Processing)
+        } else if customer.starts_with(ACTION_CUSTOMER_PREFIX) {
+            Some(IntentStatus::RequiresAction)
+        } else {
+            None
+        };
+        if let Some(status) = later {
+            intent.status = status;
+            intent.declined = false;
+            intent.settles_at = (status == IntentStatus::Processing)
+                .then(|| now_ms.saturating_add(self.config.settle_delay.as_millis() as u64));
+            let reply = Reply {
+                body: Body::Intent(Box::new(intent)),
+                replay: false,
+            };
+            return (reply, AnswerKind::Intent);
         }
         if self.decide_decline(intent.payment_method.as_deref(), &intent.metadata) {
             intent.status = IntentStatus::RequiresPaymentMethod;
@@ -695,8 +755,9 @@ impl<S: Store> Engine<S> {
         store: &mut S,
         post: &Post,
         fingerprint: u64,
-        now: u32,
+        now_ms: u64,
     ) -> anyhow::Result<(Reply, Option<KeyRecord>, Stored)> {
+        let now = (now_ms / 1000) as u32;
         let record = |kind, intent: &Intent, n: u16| KeyRecord {
             fingerprint,
             at: now,
@@ -724,9 +785,10 @@ impl<S: Store> Engine<S> {
                 refunds: Vec::new(),
                 capture_manual: c.capture_manual,
                 amount_captured: None,
+                settles_at: None,
             };
             let (reply, kind) = if c.confirm {
-                self.confirm(intent, None)
+                self.confirm(intent, None, now_ms)
             } else {
                 (
                     Reply {
@@ -766,7 +828,7 @@ impl<S: Store> Engine<S> {
                         Stored::Nothing,
                     )
                 } else {
-                    let (reply, kind) = self.confirm(intent, payment_method.as_deref());
+                    let (reply, kind) = self.confirm(intent, payment_method.as_deref(), now_ms);
                     let intent = reply.intent().expect("an intent answered");
                     let rec = record(kind, intent, refunds(intent));
                     (reply, Some(rec), Stored::Answered)
@@ -915,6 +977,103 @@ impl<S: Store> Engine<S> {
         Ok(Reply { body, replay: true })
     }
 
+    /// Settles the processing intents that are due: succeeded (or held, with manual capture),
+    /// or declined for customers `async-decline-*`. Each is recorded as the gateway acting by
+    /// itself: a ledger line with no idempotency key.
+    pub async fn settle_due(self: &Arc<Self>) -> anyhow::Result<Vec<Settled>> {
+        self.blocking(|e| e.settle_now()).await?
+    }
+
+    fn settle_now(&self) -> anyhow::Result<Vec<Settled>> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let now_ms = (self.clock)();
+        let mut settled = Vec::new();
+        while let Some(&(at, id)) = inner.due.first() {
+            if at > now_ms {
+                break;
+            }
+            inner.due.pop_first();
+            let Some(mut intent) = inner.store.intent(&id)? else {
+                continue;
+            };
+            if intent.status != IntentStatus::Processing || intent.settles_at != Some(at) {
+                continue;
+            }
+            intent.settles_at = None;
+            let declined = intent
+                .metadata
+                .get("customer_id")
+                .is_some_and(|c| c.starts_with(ASYNC_DECLINE_CUSTOMER_PREFIX));
+            let (op, outcome, event_type) = if declined {
+                intent.status = IntentStatus::RequiresPaymentMethod;
+                intent.declined = true;
+                let op = if intent.capture_manual {
+                    LedgerOp::Authorize
+                } else {
+                    LedgerOp::Charge
+                };
+                (op, LedgerOutcome::Declined, "payment_intent.payment_failed")
+            } else if intent.capture_manual {
+                intent.status = IntentStatus::RequiresCapture;
+                (
+                    LedgerOp::Authorize,
+                    LedgerOutcome::Succeeded,
+                    "payment_intent.amount_capturable_updated",
+                )
+            } else {
+                intent.status = IntentStatus::Succeeded;
+                (
+                    LedgerOp::Charge,
+                    LedgerOutcome::Succeeded,
+                    "payment_intent.succeeded",
+                )
+            };
+            let line = inner.store.records().then(|| LedgerEntry {
+                at: Some(now_ms),
+                params: Some(format!("{:016x}", 0)),
+                intent: Some(intent.id()),
+                id: (outcome == LedgerOutcome::Succeeded).then(|| intent.id()),
+                ..LedgerEntry::new(op, "", intent.metadata.payment_id(), intent.amount, outcome)
+            });
+            inner.store.commit(Commit {
+                key: None,
+                intent: Some(&intent),
+                line: line.as_ref(),
+            })?;
+            tracing::info!(intent = %intent.id(), payment_id = %intent.metadata.payment_id().escape_debug(), status = intent.status.as_str(), "processing intent settled");
+            settled.push(Settled { event_type, intent });
+        }
+        Ok(settled)
+    }
+
+    /// Settles processing intents as they come due, for as long as the engine lives, handing
+    /// each to `sink` (the webhook deliveries, or nothing).
+    pub fn spawn_settler(
+        self: &Arc<Self>,
+        sink: impl Fn(Settled) + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            // Due times are rounded to this: a processing intent settles at most this late.
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                if engine.lock().due.is_empty() {
+                    continue;
+                }
+                match engine.settle_due().await {
+                    Ok(settled) => settled.into_iter().for_each(&sink),
+                    Err(e) => tracing::error!("settling processing intents: {e:#}"),
+                }
+            }
+        })
+    }
+
     /// `GET /v1/payment_intents/:id`.
     pub async fn retrieve(self: &Arc<Self>, id: String) -> anyhow::Result<Option<Intent>> {
         self.blocking(move |e| {
@@ -1000,6 +1159,18 @@ fn describe(line: &mut LedgerEntry, reply: &Reply) {
         // A confirmation with manual capture holds the money: it takes none.
         if line.op == LedgerOp::Charge && i.status == IntentStatus::RequiresCapture {
             line.op = LedgerOp::Authorize;
+        }
+        // Nor does one that settles later: its settlement is a line of its own.
+        if matches!(line.op, LedgerOp::Charge | LedgerOp::Authorize)
+            && matches!(
+                i.status,
+                IntentStatus::Processing | IntentStatus::RequiresAction
+            )
+            && line.outcome == LedgerOutcome::Succeeded
+        {
+            line.op = LedgerOp::Process;
+            line.settles_at = i.settles_at;
+            line.manual_capture = i.capture_manual;
         }
         if line.payment_id.is_empty() {
             line.payment_id = i.metadata.payment_id().to_owned();

@@ -12,6 +12,15 @@ pub const DECLINING_PAYMENT_METHODS: [&str; 2] = [
 ];
 /// Customers (`metadata[customer_id]`) whose ID starts with this are always declined.
 pub const DECLINE_CUSTOMER_PREFIX: &str = "decline-";
+/// Customers whose ID starts with this pay as a bank debit does: the confirmation answers
+/// `processing`, and the intent settles later by itself (succeeded, or held for a manual
+/// capture), reported by webhook.
+pub const ASYNC_CUSTOMER_PREFIX: &str = "async-";
+/// Customers whose ID starts with this are processing too, and then declined.
+pub const ASYNC_DECLINE_CUSTOMER_PREFIX: &str = "async-decline-";
+/// Customers whose ID starts with this must authenticate (3-D Secure) and never do: the
+/// confirmation answers `requires_action`, and the intent stays so until it is cancelled.
+pub const ACTION_CUSTOMER_PREFIX: &str = "action-";
 /// Stripe's message for an `insufficient_funds` decline.
 pub const INSUFFICIENT_FUNDS_MESSAGE: &str = "Your card has insufficient funds.";
 
@@ -25,6 +34,10 @@ pub enum IntentStatus {
     Canceled = 3,
     /// Confirmed with manual capture: the money is held, not taken, until a capture.
     RequiresCapture = 4,
+    /// Confirmed, the outcome not known yet (a bank debit): it settles by itself.
+    Processing = 5,
+    /// Confirmed, waiting on the customer (authentication); cancelable.
+    RequiresAction = 6,
 }
 
 impl IntentStatus {
@@ -35,6 +48,8 @@ impl IntentStatus {
             Self::Succeeded => "succeeded",
             Self::Canceled => "canceled",
             Self::RequiresCapture => "requires_capture",
+            Self::Processing => "processing",
+            Self::RequiresAction => "requires_action",
         }
     }
 
@@ -45,6 +60,8 @@ impl IntentStatus {
             2 => Self::Succeeded,
             3 => Self::Canceled,
             4 => Self::RequiresCapture,
+            5 => Self::Processing,
+            6 => Self::RequiresAction,
             _ => return None,
         })
     }
@@ -57,9 +74,10 @@ impl IntentStatus {
         )
     }
 
-    /// Whether the intent can be cancelled: still open, or a hold not captured.
+    /// Whether the intent can be cancelled: still open, waiting on the customer, or a hold
+    /// not captured (a processing one cannot: the money is on its way).
     pub fn cancelable(self) -> bool {
-        self.open() || self == Self::RequiresCapture
+        self.open() || matches!(self, Self::RequiresCapture | Self::RequiresAction)
     }
 }
 
@@ -158,6 +176,9 @@ pub struct Intent {
     /// What a capture took, when it took less than the whole amount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount_captured: Option<u64>,
+    /// A processing intent: when it settles by itself (milliseconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settles_at: Option<u64>,
 }
 
 impl Intent {

@@ -217,4 +217,17 @@ impl Store for SqliteStore {
             .db
             .execute("DELETE FROM keys WHERE at < ?1", [i64::from(at)])?)
     }
+
+    fn settling(&mut self) -> anyhow::Result<Vec<Intent>> {
+        // Once, at start: a scan of the bodies rather than an index every commit would pay for.
+        let mut stmt = self
+            .db
+            .prepare("SELECT body FROM intents WHERE body LIKE '%\"settles_at\":%'")?;
+        let rows = stmt.query_map([], |r| intent_of(r.get(0)?))?;
+        let intents: Vec<Intent> = rows.collect::<Result<_, _>>()?;
+        Ok(intents
+            .into_iter()
+            .filter(|i| i.settles_at.is_some())
+            .collect())
+    }
 }

@@ -487,3 +487,180 @@ async fn the_ledger_rebuilds_holds_and_their_captures() {
         ]
     );
 }
+
+fn for_customer(payment: &str, customer: &str, manual: bool) -> Post {
+    Post::CreateIntent(CreateIntent {
+        amount: 700,
+        currency: Currency::parse("usd").unwrap(),
+        confirm: true,
+        payment_method: Some("pm_card_visa".into()),
+        payment_method_types: vec!["card".into()],
+        metadata: Metadata::new(vec![
+            ("customer_id".into(), customer.into()),
+            ("payment_id".into(), payment.into()),
+        ]),
+        capture_manual: manual,
+    })
+}
+
+#[tokio::test]
+async fn customers_that_pay_later_settle_once_by_themselves_and_replays_keep_the_first_word() {
+    let s = sim(SimConfig {
+        settle_delay: Duration::from_secs(1),
+        ..SimConfig::default()
+    });
+    let paid = s.post("a", for_customer("a", "async-1", false)).await;
+    let declined = s
+        .post("d", for_customer("d", "async-decline-1", false))
+        .await;
+    let held = s.post("h", for_customer("h", "async-2", true)).await;
+    let acting = s.post("x", for_customer("x", "action-1", false)).await;
+    for reply in [&paid, &declined, &held] {
+        assert_eq!(intent_of(reply).status, IntentStatus::Processing);
+    }
+    assert_eq!(intent_of(&acting).status, IntentStatus::RequiresAction);
+    // Money on its way cannot be stopped; a customer who has not acted can be.
+    let stop = s
+        .post(
+            "c1",
+            Post::Cancel {
+                intent: intent_of(&paid).id(),
+            },
+        )
+        .await;
+    assert_eq!(error(&stop).code, Some("payment_intent_unexpected_state"));
+
+    assert!(
+        s.engine.settle_due().await.unwrap().is_empty(),
+        "not due yet"
+    );
+    s.now.fetch_add(1000, Ordering::SeqCst);
+    let mut settled: Vec<_> = s
+        .engine
+        .settle_due()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            (
+                e.intent.metadata.payment_id().to_owned(),
+                e.event_type,
+                e.intent.status,
+            )
+        })
+        .collect();
+    settled.sort_by_key(|(p, ..)| p.clone());
+    assert_eq!(
+        settled,
+        vec![
+            (
+                "a".into(),
+                "payment_intent.succeeded",
+                IntentStatus::Succeeded
+            ),
+            (
+                "d".into(),
+                "payment_intent.payment_failed",
+                IntentStatus::RequiresPaymentMethod
+            ),
+            (
+                "h".into(),
+                "payment_intent.amount_capturable_updated",
+                IntentStatus::RequiresCapture
+            ),
+        ]
+    );
+    assert!(
+        s.engine.settle_due().await.unwrap().is_empty(),
+        "settled once"
+    );
+    // The key's replay answers the first word, as Stripe's does; a retrieve tells how it stands.
+    let again = s.post("a", for_customer("a", "async-1", false)).await;
+    assert!(again.replay);
+    assert_eq!(intent_of(&again).status, IntentStatus::Processing);
+    let now = s
+        .engine
+        .retrieve(intent_of(&paid).id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(now.status, IntentStatus::Succeeded);
+    assert!(
+        matches!(s.post("r", refund(&now.id(), None)).await.body, Body::Refund(r) if r.amount == 700)
+    );
+
+    s.now.fetch_add(3_600_000, Ordering::SeqCst);
+    assert!(
+        s.engine.settle_due().await.unwrap().is_empty(),
+        "an action is never taken by itself"
+    );
+    let cancel = s
+        .post(
+            "c2",
+            Post::Cancel {
+                intent: intent_of(&acting).id(),
+            },
+        )
+        .await;
+    assert_eq!(intent_of(&cancel).status, IntentStatus::Canceled);
+}
+
+#[tokio::test]
+async fn the_ledger_keeps_a_processing_intent_across_a_restart_and_its_settlement_takes_the_money()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.jsonl");
+    let open = || {
+        Arc::new(
+            Engine::new(
+                MemoryStore::open(&path, DEFAULT_KEY_RETENTION, (system_clock())()).unwrap(),
+                SimConfig {
+                    settle_delay: Duration::ZERO,
+                    ..SimConfig::default()
+                },
+            )
+            .unwrap(),
+        )
+    };
+    let e = open();
+    let id = intent_of(&post(&e, "a", for_customer("a", "async-1", true)).await).id();
+    drop(e);
+
+    let e = open();
+    assert_eq!(
+        e.retrieve(id.clone()).await.unwrap().unwrap().status,
+        IntentStatus::Processing
+    );
+    let settled = e.settle_due().await.unwrap();
+    assert_eq!(settled.len(), 1, "it settles after the restart");
+    assert!(
+        post(&e, "a", for_customer("a", "async-1", true))
+            .await
+            .replay
+    );
+    drop(e);
+
+    let e = open();
+    assert_eq!(
+        e.retrieve(id.clone()).await.unwrap().unwrap().status,
+        IntentStatus::RequiresCapture
+    );
+    assert!(e.settle_due().await.unwrap().is_empty(), "and only once");
+    let lines = crate::gateway::read_ledger(&path).unwrap().entries;
+    let ops: Vec<_> = lines
+        .iter()
+        .map(|l| (l.op, l.outcome, l.acted(), l.idempotency_key.as_str()))
+        .collect();
+    use LedgerOp::*;
+    use LedgerOutcome::*;
+    assert_eq!(
+        ops,
+        vec![
+            (Process, Succeeded, true, "a"),
+            (Authorize, Succeeded, true, ""),
+            (Process, Succeeded, false, "a"),
+        ]
+    );
+    assert!(lines[0].manual_capture && lines[0].settles_at.is_some());
+    assert_eq!(lines[1].id.as_deref(), Some(id.as_str()));
+}

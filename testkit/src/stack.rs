@@ -115,6 +115,7 @@ pub struct StackBuilder {
     gateway_process: bool,
     gateway_port: Option<u16>,
     gateway_env: Vec<(String, String)>,
+    webhook_secret: Option<String>,
 }
 
 impl StackBuilder {
@@ -172,6 +173,14 @@ impl StackBuilder {
     pub fn gateway_port(mut self, port: u16) -> Self {
         self.gateway_port = Some(port);
         self
+    }
+
+    /// With [`Self::gateway_process`]: `mock-gateway` sends its webhooks, signed with `secret`,
+    /// to the first node's ingress (`/StripeWebhooks/Receive`), and the service verifies them
+    /// with it.
+    pub fn webhooks(mut self, secret: &str) -> Self {
+        self.webhook_secret = Some(secret.to_owned());
+        self.service_env("STRIPE_WEBHOOK_SECRET", secret)
     }
 
     /// With [`Self::gateway_process`]: adds a variable to `mock-gateway`'s environment.
@@ -306,7 +315,11 @@ impl StackBuilder {
                 Some(port) => port,
                 None => ports::pick()?,
             };
-            Some(self.gateway_proc(dir, port, ledger.as_deref())?)
+            let webhook_url = format!(
+                "http://127.0.0.1:{}/StripeWebhooks/Receive",
+                node_ports[0].ingress
+            );
+            Some(self.gateway_proc(dir, port, ledger.as_deref(), webhook_url)?)
         } else {
             None
         };
@@ -361,6 +374,7 @@ impl StackBuilder {
         dir: &Path,
         port: u16,
         ledger: Option<&Path>,
+        webhook_url: String,
     ) -> anyhow::Result<GatewayProc> {
         let bin = paths::mock_gateway()?;
         let g = &self.gateway;
@@ -389,7 +403,11 @@ impl StackBuilder {
             // Exists only in a fault-injection build of mock-gateway.
             args.push("--unsafe-ignore-idempotency-keys".to_owned());
         }
-        let env = self.gateway_env.clone();
+        let mut env = self.gateway_env.clone();
+        if let Some(secret) = &self.webhook_secret {
+            env.push(("MOCK_GATEWAY_WEBHOOK_URL".to_owned(), webhook_url));
+            env.push(("MOCK_GATEWAY_WEBHOOK_SECRET".to_owned(), secret.clone()));
+        }
         let proc = Restartable::new("mock-gateway", dir.join("mock-gateway.log"), move || {
             let mut cmd = Command::new(&bin);
             // Its own variables must not leak in from the caller's environment.
@@ -737,6 +755,7 @@ impl Stack {
             gateway_process: false,
             gateway_port: None,
             gateway_env: Vec::new(),
+            webhook_secret: None,
         }
     }
 

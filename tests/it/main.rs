@@ -6,6 +6,7 @@
 
 mod accept;
 mod api;
+mod async_payments;
 mod cancel;
 mod errors;
 mod gateway_faults;

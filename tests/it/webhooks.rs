@@ -15,7 +15,7 @@ use testkit::stack::Stack;
 
 use crate::helpers::{TestApp, ok, own_stack, seed_payment, spawn_app, unique_id};
 
-const SECRET: &str = "whsec_test_webhooks";
+pub(crate) const SECRET: &str = "whsec_test_webhooks";
 
 /// The module's stack: every gateway call hangs (the payments stay pending, settled by events).
 fn app() -> &'static TestApp {
@@ -37,12 +37,12 @@ fn app() -> &'static TestApp {
     })
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     Timestamp::now().unix_millis() / 1000
 }
 
 /// A PaymentIntent event as Stripe posts it.
-fn event(id: &str, kind: &str, intent: &str, payment_id: &str, status: &str) -> Vec<u8> {
+pub(crate) fn event(id: &str, kind: &str, intent: &str, payment_id: &str, status: &str) -> Vec<u8> {
     let mut object = json!({
         "id": intent, "object": "payment_intent", "status": status, "amount": 10000,
         "amount_received": if status == "succeeded" { 10000 } else { 0 },
@@ -60,7 +60,7 @@ fn event(id: &str, kind: &str, intent: &str, payment_id: &str, status: &str) -> 
 }
 
 /// Posts `body` to the webhook endpoint with this `Stripe-Signature` (none: no header).
-fn post(app: &TestApp, body: &[u8], signature: Option<String>) -> (u16, Value) {
+pub(crate) fn post(app: &TestApp, body: &[u8], signature: Option<String>) -> (u16, Value) {
     let url = format!(
         "{}/StripeWebhooks/Receive",
         app.stack().ingress_url(0).trim_end_matches('/')
@@ -77,7 +77,7 @@ fn post(app: &TestApp, body: &[u8], signature: Option<String>) -> (u16, Value) {
     (status, response.json().unwrap_or(Value::Null))
 }
 
-fn signed(body: &[u8], at: i64) -> Option<String> {
+pub(crate) fn signed(body: &[u8], at: i64) -> Option<String> {
     Some(sign(body, &WebhookSecret::new(SECRET), at))
 }
 
@@ -90,7 +90,7 @@ fn pending_payment(app: &TestApp, prefix: &str) -> String {
 }
 
 /// `Confirm` invocations of one payment, counted by the admin API.
-fn confirms(app: &TestApp, id: &str) -> usize {
+pub(crate) fn confirms(app: &TestApp, id: &str) -> usize {
     app.admin()
         .invocations_of(id)
         .unwrap()
