@@ -238,6 +238,11 @@ pub enum Kind {
     HoldLeft {
         line: String,
     },
+    /// A charge the gateway accepted without a final word (processing, or waiting on the
+    /// customer) that neither settled nor was cancelled by the end: money may still move.
+    AcceptedLeft {
+        line: String,
+    },
     /// The payment's state disagrees with what the gateway did to its hold.
     HoldStateMismatch {
         status: PaymentStatus,
@@ -299,6 +304,7 @@ impl Kind {
             Kind::NoUnknownSettled => "no-unknown-settled",
             Kind::HoldSettledTwice { .. } => "hold-settled-twice",
             Kind::HoldLeft { .. } => "hold-left",
+            Kind::AcceptedLeft { .. } => "accepted-left",
             Kind::HoldStateMismatch { .. } => "hold-state-mismatch",
             Kind::HoldToldOtherwise { .. } => "hold-told-otherwise",
         }
@@ -345,6 +351,9 @@ pub struct Findings {
     pub holds_captured: usize,
     pub holds_canceled: usize,
     pub holds_expired: usize,
+    /// Payments the gateway settled later (customers `async-*`, `action-*`), by how they ended.
+    pub async_completed: usize,
+    pub async_failed: usize,
     pub violations: Vec<Violation>,
 }
 
@@ -408,6 +417,11 @@ struct GatewayView<'a> {
     /// It refused a charge request for good (e.g. `idempotency_error`; not "key in use", which
     /// is an unknown outcome to the service).
     refused: bool,
+    /// A charge accepted without a final word that the service cancelled uncharged (its
+    /// customer never confirmed).
+    unconfirmed_cancel: bool,
+    /// The intent of the charge the gateway accepted without a final word, if it did.
+    accepted: Option<String>,
     refund: Option<&'a LedgerEntry>,
     /// `refund` is the one that voids a cancelled payment's charge (key `void:<id>`).
     void_refund: bool,
@@ -556,6 +570,28 @@ impl<'a> GatewayView<'a> {
         if let Some(held) = held.filter(|_| captures.is_empty() && releases.is_empty()) {
             f.violation(id, Kind::HoldLeft { line: show(held) });
         }
+        // Every accepted charge ends at the gateway: settled by the gateway itself (a line with
+        // no key naming its intent) or cancelled.
+        let mut unconfirmed_cancel = false;
+        for accepted in acted(LedgerOp::Process, LedgerOutcome::Succeeded) {
+            let names = |e: &&&LedgerEntry| e.intent.is_some() && e.intent == accepted.id;
+            let settled = lines.iter().filter(names).any(|e| {
+                matches!(e.op, LedgerOp::Charge | LedgerOp::Authorize)
+                    && e.idempotency_key.is_empty()
+            });
+            let cancelled = lines.iter().filter(names).any(|e| {
+                e.op == LedgerOp::Cancel && e.outcome == LedgerOutcome::Succeeded && !e.replay
+            });
+            unconfirmed_cancel |= cancelled && !settled;
+            if !settled && !cancelled {
+                f.violation(
+                    id,
+                    Kind::AcceptedLeft {
+                        line: show(accepted),
+                    },
+                );
+            }
+        }
         let refused = lines.iter().any(|e| {
             matches!(e.op, LedgerOp::Charge | LedgerOp::Authorize)
                 && e.outcome == LedgerOutcome::Rejected
@@ -568,6 +604,10 @@ impl<'a> GatewayView<'a> {
             refused,
             refund,
             void_refund,
+            unconfirmed_cancel,
+            accepted: acted(LedgerOp::Process, LedgerOutcome::Succeeded)
+                .first()
+                .and_then(|e| e.id.clone()),
             keyed,
             captures,
             releases,
@@ -806,6 +846,13 @@ impl PaymentAudit<'_> {
         }
         self.check_keyed_refunds(end, f);
         self.check_hold(end, f);
+        if self.plan.is_async() {
+            match end.status {
+                PaymentStatus::Failed => f.async_failed += 1,
+                PaymentStatus::Pending => {}
+                _ => f.async_completed += 1,
+            }
+        }
         self.check_creates(end, f);
         self.check_refund_clients(end, f);
         self.check_keyed_refund_clients(end, f);
@@ -856,7 +903,11 @@ impl PaymentAudit<'_> {
                             charge_id: charge_id.clone(),
                         },
                     );
-                } else if !self.gw.declined && !self.gw.refused && !looked_up_uncharged(end) {
+                } else if !self.gw.declined
+                    && !self.gw.refused
+                    && !self.gw.unconfirmed_cancel
+                    && !looked_up_uncharged(end)
+                {
                     f.violation(id, Kind::FailedWithoutDecline);
                 }
                 if let Some(charge_id) = &end.charge_id {
@@ -1069,9 +1120,11 @@ impl PaymentAudit<'_> {
         let mut fresh = 0;
         for answer in &self.log.creates {
             match answer {
-                // Told the truth at the time: not known yet (and no charge named).
+                // Told the truth at the time: not known yet (and no charge named, or the one the
+                // gateway accepted without a final word).
                 Ok(Answer::Ok(a))
-                    if a.status == PaymentStatus::Pending && a.charge_id.is_none() =>
+                    if a.status == PaymentStatus::Pending
+                        && (a.charge_id.is_none() || a.charge_id == self.gw.accepted) =>
                 {
                     f.pending_answers += 1;
                 }
@@ -1246,6 +1299,12 @@ impl PaymentAudit<'_> {
                 if seen.status == PaymentStatus::Pending
                     && seen.charge_id.is_none()
                     && (seen.attempts > 0 || seen.canceling) => {}
+            // Accepted by the gateway without a final word, waiting on it.
+            Some(Ok(Answer::Ok(seen)))
+                if seen.status == PaymentStatus::Pending
+                    && seen.awaiting.is_some()
+                    && seen.charge_id.is_some()
+                    && seen.charge_id == self.gw.accepted => {}
             Some(Err(e)) => f.violation(
                 id,
                 Kind::Unanswered {

@@ -243,12 +243,16 @@ pub fn run(params: &Params, service_bin: Option<PathBuf>, keep: bool) -> anyhow:
         response_delay: Duration::from_millis(params.response_delay_ms),
         ledger: None,
         ignore_idempotency_keys: params.ignore_keys,
+        settle_delay: plan::SETTLE_DELAY,
         ..MockConfig::default()
     });
-    // Short holds: the plan's holds left alone expire within the run.
-    builder = builder.service_env("HOLD_EXPIRY", plan::HOLD_EXPIRY);
+    // Short holds and deadlines: the plan's holds left alone expire within the run, and its
+    // charges no customer confirms are cancelled within it.
+    builder = builder
+        .service_env("HOLD_EXPIRY", plan::HOLD_EXPIRY)
+        .service_env("CONFIRM_DEADLINE", plan::CONFIRM_DEADLINE);
     if params.gateway_process {
-        builder = builder.gateway_process();
+        builder = builder.gateway_process().webhooks(plan::WEBHOOK_SECRET);
         for (name, value) in GATEWAY_PROCESS_SERVICE_ENV {
             builder = builder.service_env(name, value);
         }

@@ -75,6 +75,14 @@ pub const GATEWAY_PROCESS_SERVICE_ENV: [(&str, &str); 4] = [
 /// service within the run; a capture sent late meets the release (and is refused).
 pub const HOLD_EXPIRY: &str = "3s";
 
+/// The service's confirmation deadline in a run: a charge still waiting on its customer then
+/// is cancelled within the run.
+pub const CONFIRM_DEADLINE: &str = "2s";
+/// How long the mock gateway's processing charges take to settle.
+pub const SETTLE_DELAY: Duration = Duration::from_secs(1);
+/// The webhook secret of a run with the gateway process.
+pub const WEBHOOK_SECRET: &str = "whsec_crash_test";
+
 /// The mock gateway's delay before it acts.
 pub const GATEWAY_DELAY_MS: u64 = 20;
 /// The seed's decline rate.
@@ -207,6 +215,11 @@ pub struct KeyedRefund {
 }
 
 impl PaymentPlan {
+    /// Whether the gateway settles this plan's charge later (its customer pays later).
+    pub fn is_async(&self) -> bool {
+        self.customer.starts_with("async-") || self.customer.starts_with("action-")
+    }
+
     /// The RefundPayment calls of this plan: the refunds, then each keyed refund's copies.
     pub fn refund_calls(&self) -> usize {
         self.refunds.len() + self.keyed_refunds.iter().map(|k| k.copies).sum::<usize>()
@@ -281,6 +294,19 @@ pub fn payments(p: &Params) -> Vec<PaymentPlan> {
     for plan in &mut plans {
         if plan.refund_calls() == 0 && hold_rng.random_bool(0.4) {
             plan.hold = Some(hold(&mut hold_rng, plan.amount));
+        }
+    }
+    // Payments that settle later, from an RNG of their own: an eighth of those not declined
+    // pay as a bank debit does (processing, then succeeded, or now and then declined), or
+    // wait on a customer who never confirms (cancelled at the deadline).
+    let mut async_rng = StdRng::seed_from_u64(p.seed ^ 0x7f4a_7c15_9e37_79b9);
+    for (i, plan) in plans.iter_mut().enumerate() {
+        if !plan.customer.starts_with("decline-") && async_rng.random_bool(0.125) {
+            plan.customer = match async_rng.random_range(0..6) {
+                0 => format!("async-decline-cust-{i}"),
+                1 => format!("action-cust-{i}"),
+                _ => format!("async-cust-{i}"),
+            };
         }
     }
     // From an RNG of their own: the plans of a seed are the same on one node and on three.

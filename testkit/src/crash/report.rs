@@ -298,6 +298,16 @@ fn gateway_rows(s: &Summary<'_>) {
         ),
     );
     row(
+        "paid later",
+        format!(
+            "{} payments the gateway settled later (processing, or waiting on a customer): {} \
+             completed (or held), {} failed (declined later, or cancelled at the deadline)",
+            s.plans.iter().filter(|p| p.is_async()).count(),
+            f.async_completed,
+            f.async_failed
+        ),
+    );
+    row(
         "unknown outcomes settled",
         format!(
             "{} payments and {} refunds had attempts > 0 and were settled by the service itself; \

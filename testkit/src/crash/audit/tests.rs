@@ -541,6 +541,18 @@ const CASES: &[(&str, fn(&mut World))] = &[
         *w = held();
         w.end.ledger.retain(|e| e.op != LedgerOp::Capture);
     }),
+    ("accepted-left", |w| {
+        w.end.ledger.push(LedgerEntry {
+            id: Some("pi_later".into()),
+            ..LedgerEntry::new(
+                LedgerOp::Process,
+                format!("charge:{B}"),
+                B,
+                500,
+                LedgerOutcome::Succeeded,
+            )
+        })
+    }),
     ("hold-state-mismatch", |w| {
         *w = held();
         final_mut(w, 0).amount_captured = 1000;
@@ -619,7 +631,7 @@ fn the_cases_cover_every_kind_once() {
     names.dedup();
     assert_eq!(names.len(), CASES.len(), "a kind has two cases");
     // The number of `Kind` variants: keep in step when a kind is added.
-    assert_eq!(CASES.len(), 44);
+    assert_eq!(CASES.len(), 45);
 }
 
 /// A payment answered `pending` (its outcome unknown), settled later by the service: the
@@ -710,4 +722,48 @@ fn refunds_in_parts_pass_and_their_faults_are_caught() {
         "{:#?}",
         f.violations
     );
+}
+
+/// `clean()` with payment B paid later: accepted (`pending`, its intent named), its customer
+/// never confirms, and the service cancels it at the deadline: `failed`, nothing charged.
+#[test]
+fn a_charge_cancelled_at_its_deadline_passes_and_is_counted() {
+    let mut w = clean();
+    w.plans[1].customer = "action-cust-1".into();
+    for answer in w.end.finals.iter_mut().chain(w.logs[1].get.iter_mut()) {
+        if let Ok(Answer::Ok(p)) = answer
+            && p.payment_id == B
+        {
+            p.customer_id = "action-cust-1".into();
+        }
+    }
+    w.end.ledger.retain(|e| e.payment_id != B);
+    w.end.ledger.push(LedgerEntry {
+        id: Some("pi_b".into()),
+        ..LedgerEntry::new(
+            LedgerOp::Process,
+            format!("charge:{B}"),
+            B,
+            500,
+            LedgerOutcome::Succeeded,
+        )
+    });
+    w.logs[1].creates[0] = Ok(Answer::Ok(result(B, "pending", Some("pi_b"), "pending")));
+    let f = run(&w);
+    assert_eq!(f.count("accepted-left"), 1, "{:#?}", f.violations);
+    assert!(f.count("failed-without-decline") > 0, "{:#?}", f.violations);
+
+    w.end.ledger.push(LedgerEntry {
+        intent: Some("pi_b".into()),
+        ..LedgerEntry::new(
+            LedgerOp::Cancel,
+            format!("cancel-unconfirmed:{B}"),
+            B,
+            500,
+            LedgerOutcome::Succeeded,
+        )
+    });
+    let f = run(&w);
+    assert!(f.violations.is_empty(), "{:#?}", f.violations);
+    assert_eq!((f.async_completed, f.async_failed), (0, 1));
 }
