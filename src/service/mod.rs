@@ -14,9 +14,10 @@
 //! | 3 | run `charge`        | the gateway call with key `charge:<id>`; its result carries  |
 //! |   |                     | both clock readings, `createdAt` and `completedAt`          |
 //! | 4 | set state `payment` | `completed`, `failed`, `authorized` (a hold), or still       |
-//! |   |                     | `pending` (outcome unknown)                                 |
+//! |   |                     | `pending` (outcome unknown, or accepted to settle later)    |
 //! | 5 | run `receipt`       | the seed's receipt, only after a successful charge          |
 //! |   | or send `Settle`    | a delayed call to this object, when the outcome is unknown   |
+//! |   |                     | (or at `confirmBy`, when the gateway settles it later)       |
 //! |   | or send `ExpireHold`| a hold: the delayed call that releases it at its window's end |
 //!
 //! A duplicate is step 1 and nothing else. A charge whose outcome stays unknown after the
@@ -28,6 +29,11 @@
 //!
 //! A payment created with manual capture ends its charge `authorized`: the gateway holds the
 //! money until `CapturePayment`, `CancelPayment` or the hold's window ends ([`hold`]).
+//!
+//! A charge the gateway accepts without a final word (Stripe's `processing`, `requires_action`)
+//! stays `pending` with its intent (`awaiting`, `confirmBy`): the gateway's webhook settles it
+//! (`Confirm`), or at `confirmBy` a `Settle` looks the intent up, cancelling one still waiting on
+//! its customer.
 //!
 //! An invocation cancelled by an operator while the charge is unsettled voids the charge
 //! (`void`: the key spent on a request that moves no money, or the charge refunded) and ends

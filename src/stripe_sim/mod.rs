@@ -26,6 +26,7 @@ pub mod webhooks;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -339,6 +340,9 @@ pub struct Engine<S> {
     inner: Mutex<Inner<S>>,
     config: SimConfig,
     clock: Clock,
+    /// Whether any intent is processing (`Inner::due` not empty): read without the lock, so that
+    /// a call finds nothing to settle for the price of one load.
+    settling: AtomicBool,
 }
 
 impl<S> std::fmt::Debug for Engine<S> {
@@ -430,11 +434,12 @@ impl<S: Store> Engine<S> {
         }
         let now = (clock() / 1000) as u32;
         // A processing intent settles whether or not the gateway was restarted meanwhile.
-        let due = store
+        let due: BTreeSet<(u64, Uuid)> = store
             .settling()?
             .into_iter()
             .filter_map(|i| Some((i.settles_at?, i.id)))
             .collect();
+        let settling = AtomicBool::new(!due.is_empty());
         Ok(Self {
             inner: Mutex::new(Inner {
                 store,
@@ -445,6 +450,7 @@ impl<S: Store> Engine<S> {
             }),
             config,
             clock,
+            settling,
         })
     }
 
@@ -651,6 +657,7 @@ impl<S: Store> Engine<S> {
             && let Some(at) = i.settles_at
         {
             inner.due.insert((at, i.id));
+            self.settling.store(true, Ordering::Release);
         }
         self.sweep(inner, now)?;
         Ok(Step::Done(reply))
@@ -981,6 +988,9 @@ impl<S: Store> Engine<S> {
     /// or declined for customers `async-decline-*`. Each is recorded as the gateway acting by
     /// itself: a ledger line with no idempotency key.
     pub async fn settle_due(self: &Arc<Self>) -> anyhow::Result<Vec<Settled>> {
+        if !self.settling.load(Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
         self.blocking(|e| e.settle_now()).await?
     }
 
@@ -1044,6 +1054,8 @@ impl<S: Store> Engine<S> {
             tracing::info!(intent = %intent.id(), payment_id = %intent.metadata.payment_id().escape_debug(), status = intent.status.as_str(), "processing intent settled");
             settled.push(Settled { event_type, intent });
         }
+        self.settling
+            .store(!inner.due.is_empty(), Ordering::Release);
         Ok(settled)
     }
 
@@ -1063,9 +1075,6 @@ impl<S: Store> Engine<S> {
                 let Some(engine) = engine.upgrade() else {
                     return;
                 };
-                if engine.lock().due.is_empty() {
-                    continue;
-                }
                 match engine.settle_due().await {
                     Ok(settled) => settled.into_iter().for_each(&sink),
                     Err(e) => tracing::error!("settling processing intents: {e:#}"),
