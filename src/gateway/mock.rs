@@ -424,6 +424,68 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_charge_that_settles_later_is_processing_then_looked_up_and_voided_as_it_stands() {
+        use crate::gateway::{Awaiting, VoidRequest};
+        let gw = MockGateway::new(MockConfig {
+            settle_delay: Duration::from_millis(200),
+            ..config(0.0)
+        })
+        .unwrap();
+        let later = charge("charge:later", "async-ann", 5);
+        let ChargeResponse::Processing {
+            charge_id,
+            awaiting,
+        } = gw.charge(later.clone()).await.unwrap()
+        else {
+            panic!("processing expected")
+        };
+        assert_eq!(awaiting, Awaiting::Processing);
+        let void = |c: &ChargeRequest| VoidRequest {
+            charge: c.clone(),
+            refund_key: format!("void:{}", c.payment_id),
+        };
+        // The money on its way cannot be stopped: the void's outcome is unknown until it settles.
+        assert!(matches!(
+            gw.void(void(&later)).await,
+            Err(GatewayError::Unknown(_))
+        ));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            gw.check_charge(&charge_id).await.unwrap(),
+            ChargeLookup::Charged {
+                charge_id: charge_id.clone()
+            }
+        );
+        // The key's replay still says processing; the void finds the charge and refunds it.
+        assert!(matches!(
+            gw.charge(later.clone()).await.unwrap(),
+            ChargeResponse::Processing { .. }
+        ));
+        assert!(matches!(
+            gw.void(void(&later)).await.unwrap(),
+            VoidResponse::Refunded { .. }
+        ));
+
+        let waiting = charge("charge:waiting", "action-bo", 5);
+        let ChargeResponse::Processing {
+            charge_id,
+            awaiting,
+        } = gw.charge(waiting.clone()).await.unwrap()
+        else {
+            panic!("requires_action expected")
+        };
+        assert_eq!(awaiting, Awaiting::RequiresAction);
+        assert_eq!(
+            gw.void(void(&waiting)).await.unwrap(),
+            VoidResponse::NothingCharged
+        );
+        assert!(matches!(
+            gw.check_charge(&charge_id).await.unwrap(),
+            ChargeLookup::NotCharged { .. }
+        ));
+    }
+
+    #[tokio::test]
     async fn decline_customers_are_always_declined() {
         let gw = MockGateway::new(config(0.0)).unwrap();
         let r = gw

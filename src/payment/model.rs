@@ -1040,6 +1040,42 @@ mod tests {
     }
 
     #[test]
+    fn a_charge_accepted_to_settle_later_stays_pending_naming_its_intent_until_it_settles() {
+        let accepted = |p: &mut Payment| {
+            p.settle(step(ChargeOutcome::Processing {
+                charge_id: "pi_1".into(),
+                awaiting: Awaiting::Processing,
+                at: Timestamp::now(),
+            }))
+        };
+        let mut p = pending(10000);
+        accepted(&mut p);
+        assert_eq!(p.status, PaymentStatus::Pending);
+        assert_eq!(
+            (p.charge_id.as_deref(), p.awaiting),
+            (Some("pi_1"), Some(Awaiting::Processing))
+        );
+        assert!(p.is_settling(), "a duplicate answers it, charging nothing");
+        assert_eq!(PaymentResult::settled(&p).message, MSG_PROCESSING);
+        // Settled later: what it waited on is gone with the wait.
+        p.settle(step(ChargeOutcome::Charged {
+            charge_id: "pi_1".into(),
+            at: Timestamp::now(),
+        }));
+        assert_eq!(p.status, PaymentStatus::Completed);
+        assert_eq!((p.awaiting, p.confirm_by), (None, None));
+        // Declined later, or cancelled unconfirmed: no charge, so no charge ID.
+        let mut p = pending(10000);
+        accepted(&mut p);
+        p.settle(step(ChargeOutcome::NotCharged {
+            reason: REASON_NOT_CONFIRMED.into(),
+        }));
+        assert_eq!(p.status, PaymentStatus::Failed);
+        assert_eq!((p.charge_id.as_deref(), p.awaiting), (None, None));
+        assert_eq!(p.error_msg.as_deref(), Some(REASON_NOT_CONFIRMED));
+    }
+
+    #[test]
     fn decline_fails_with_the_reason_as_message() {
         let mut p = pending(10000);
         p.settle(step(ChargeOutcome::Declined {
