@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use payment_service::gateway::{Awaiting, LedgerOp, LedgerOutcome, MockConfig};
 use payment_service::payment::model::{MSG_PROCESSING, REASON_NOT_CONFIRMED};
-use payment_service::payment::{CaptureMethod, CreatePaymentBody, PaymentStatus};
+use payment_service::payment::{CaptureMethod, CreatePaymentBody, PaymentResult, PaymentStatus};
 use testkit::stack::{Stack, StackBuilder};
 
 use crate::helpers::{
@@ -47,6 +47,22 @@ fn paying_later(customer: &str, capture: Option<CaptureMethod>) -> CreatePayment
     }
 }
 
+/// A new payment of `customer`, answered `pending` at once: its ID and the answer.
+fn create_later(
+    app: &TestApp,
+    prefix: &str,
+    customer: &str,
+    capture: Option<CaptureMethod>,
+) -> (String, PaymentResult) {
+    let id = unique_id(prefix);
+    let answer = ok(
+        "create",
+        app.create_payment(&id, &paying_later(customer, capture)),
+    );
+    assert_eq!(answer.status, PaymentStatus::Pending, "{answer:?}");
+    (id, answer)
+}
+
 /// The ledger lines of `id` that acted, as (op, outcome, idempotency key).
 fn acted(app: &TestApp, id: &str) -> Vec<(LedgerOp, LedgerOutcome, String)> {
     app.ledger(id)
@@ -60,10 +76,8 @@ fn acted(app: &TestApp, id: &str) -> Vec<(LedgerOp, LedgerOutcome, String)> {
 #[test]
 fn a_processing_payment_waits_without_its_lock_and_its_webhook_settles_it_once() {
     let app = app();
-    let id = unique_id("async-ok");
+    let (id, answer) = create_later(app, "async-ok", "async-alice", None);
     let body = paying_later("async-alice", None);
-    let answer = ok("create", app.create_payment(&id, &body));
-    assert_eq!(answer.status, PaymentStatus::Pending, "{answer:?}");
     assert_eq!(answer.message, MSG_PROCESSING);
     let charge_id = answer.charge_id.clone().expect("the intent is named");
 
@@ -106,19 +120,17 @@ fn a_processing_payment_waits_without_its_lock_and_its_webhook_settles_it_once()
 #[test]
 fn a_payment_declined_later_fails_with_the_reason_and_a_hold_is_authorized_by_its_webhook() {
     let app = app();
-    let declined = unique_id("async-no");
-    let answer = ok(
-        "create",
-        app.create_payment(&declined, &paying_later("async-decline-bob", None)),
-    );
-    assert_eq!(answer.status, PaymentStatus::Pending);
+    let (declined, _) = create_later(app, "async-no", "async-decline-bob", None);
     let failed = app.settled(&declined);
     assert_eq!(failed.status, PaymentStatus::Failed, "{failed:?}");
     assert_eq!(failed.error_msg.as_deref(), Some("insufficient funds"));
 
-    let held = unique_id("async-hold");
-    let body = paying_later("async-carol", Some(CaptureMethod::Manual));
-    ok("create hold", app.create_payment(&held, &body));
+    let (held, _) = create_later(
+        app,
+        "async-hold",
+        "async-carol",
+        Some(CaptureMethod::Manual),
+    );
     let authorized = app.settled(&held);
     assert_eq!(
         authorized.status,
@@ -136,12 +148,7 @@ fn a_payment_declined_later_fails_with_the_reason_and_a_hold_is_authorized_by_it
 #[test]
 fn a_customer_who_never_acts_is_cancelled_at_the_deadline_and_a_late_event_changes_nothing() {
     let app = app();
-    let id = unique_id("async-action");
-    let answer = ok(
-        "create",
-        app.create_payment(&id, &paying_later("action-dave", None)),
-    );
-    assert_eq!(answer.status, PaymentStatus::Pending);
+    let (id, answer) = create_later(app, "async-action", "action-dave", None);
     let intent = answer.charge_id.expect("the intent is named");
     assert_eq!(app.payment(&id).awaiting, Some(Awaiting::RequiresAction));
 
@@ -206,12 +213,7 @@ fn a_webhook_arriving_before_the_payment_waits_on_it_settles_it() {
             .service_env("GATEWAY_ATTEMPTS", "1")
             .service_env("SETTLE_MAX_DELAY", "1s"),
     );
-    let id = unique_id("async-early");
-    let answer = ok(
-        "create",
-        app.create_payment(&id, &paying_later("async-erin", None)),
-    );
-    assert_eq!(answer.status, PaymentStatus::Pending, "{answer:?}");
+    let (id, answer) = create_later(&app, "async-early", "async-erin", None);
     assert_eq!(answer.charge_id, None, "no answer reached the service");
 
     let settled = app.settled(&id);
@@ -242,12 +244,7 @@ fn in_process_the_deadline_look_up_settles_a_processing_payment() {
             })
             .service_env("CONFIRM_DEADLINE", "2s"),
     );
-    let id = unique_id("async-inproc");
-    let answer = ok(
-        "create",
-        app.create_payment(&id, &paying_later("async-frank", None)),
-    );
-    assert_eq!(answer.status, PaymentStatus::Pending, "{answer:?}");
+    let (id, _) = create_later(&app, "async-inproc", "async-frank", None);
     assert_eq!(app.payment(&id).awaiting, Some(Awaiting::Processing));
     let settled = app.settled(&id);
     assert_eq!(settled.status, PaymentStatus::Completed, "{settled:?}");
