@@ -35,10 +35,10 @@ use uuid::Uuid;
 pub use ledger::{Ledger, LedgerEntry, LedgerFault, LedgerOp, LedgerOutcome};
 pub use memory::MemoryStore;
 pub use model::{
-    ACTION_CUSTOMER_PREFIX, ASYNC_CUSTOMER_PREFIX, ASYNC_DECLINE_CUSTOMER_PREFIX, AnswerKind,
-    ApiError, Body, Currency, DECLINE_CUSTOMER_PREFIX, DECLINING_PAYMENT_METHODS,
-    INSUFFICIENT_FUNDS_MESSAGE, Intent, IntentStatus, KeyRecord, Metadata, Refund, RefundView,
-    Reply,
+    ACTION_CUSTOMER_PREFIX, ACTION_PAYMENT_METHODS, ASYNC_CUSTOMER_PREFIX,
+    ASYNC_DECLINE_CUSTOMER_PREFIX, AnswerKind, ApiError, Body, Currency, DECLINE_CUSTOMER_PREFIX,
+    DECLINING_PAYMENT_METHODS, INSUFFICIENT_FUNDS_MESSAGE, Intent, IntentStatus, KeyRecord,
+    Metadata, Refund, RefundView, Reply,
 };
 pub use sqlite::SqliteStore;
 
@@ -705,7 +705,12 @@ impl<S: Store> Engine<S> {
         let customer = intent.metadata.get("customer_id").unwrap_or_default();
         let later = if customer.starts_with(ASYNC_CUSTOMER_PREFIX) {
             Some(IntentStatus::Processing)
-        } else if customer.starts_with(ACTION_CUSTOMER_PREFIX) {
+        } else if customer.starts_with(ACTION_CUSTOMER_PREFIX)
+            || intent
+                .payment_method
+                .as_deref()
+                .is_some_and(|pm| ACTION_PAYMENT_METHODS.contains(&pm))
+        {
             Some(IntentStatus::RequiresAction)
         } else {
             None

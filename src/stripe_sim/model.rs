@@ -18,6 +18,12 @@ pub const DECLINE_CUSTOMER_PREFIX: &str = "decline-";
 pub const ASYNC_CUSTOMER_PREFIX: &str = "async-";
 /// Customers whose ID starts with this are processing too, and then declined.
 pub const ASYNC_DECLINE_CUSTOMER_PREFIX: &str = "async-decline-";
+/// Stripe's test payment methods whose card asks for 3-D Secure on every payment: the
+/// confirmation answers `requires_action`, as for customers `action-*`.
+pub const ACTION_PAYMENT_METHODS: [&str; 2] = [
+    "pm_card_threeDSecure2Required",
+    "pm_card_authenticationRequired",
+];
 /// Customers whose ID starts with this must authenticate (3-D Secure) and never do: the
 /// confirmation answers `requires_action`, and the intent stays so until it is cancelled.
 pub const ACTION_CUSTOMER_PREFIX: &str = "action-";

@@ -519,6 +519,13 @@ async fn customers_that_pay_later_settle_once_by_themselves_and_replays_keep_the
         assert_eq!(intent_of(reply).status, IntentStatus::Processing);
     }
     assert_eq!(intent_of(&acting).status, IntentStatus::RequiresAction);
+    let three_ds = s
+        .post(
+            "3ds",
+            create("3ds", 100, true, "pm_card_threeDSecure2Required"),
+        )
+        .await;
+    assert_eq!(intent_of(&three_ds).status, IntentStatus::RequiresAction);
     // Money on its way cannot be stopped; a customer who has not acted can be.
     let stop = s
         .post(
