@@ -2,13 +2,14 @@
 //! and `debug` adds each step), and silent while a handler replays its journal, so each event
 //! is logged once however often Restate replays.
 
-use std::fmt;
-use std::io::IsTerminal;
+use std::cell::RefCell;
+use std::io::Write as _;
 
 use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
@@ -26,35 +27,38 @@ pub fn init() {
     // the replay filter has to look at each event's span, so it stays on the layer.
     tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .event_format(EventLine)
-                .with_filter(restate_sdk::filter::ReplayAwareFilter),
-        )
+        .with(EventLines.with_filter(restate_sdk::filter::ReplayAwareFilter))
         .init();
 }
 
-/// `<time> <level> <message> <fields>`: the default format's line without its span prefix,
-/// which here would be the SDK's invocation span with every replay flag it ever recorded.
-/// Lines about a payment name it in their own `payment_id` field.
-struct EventLine;
+/// One line per event on stderr, `<time> <level> <message> <fields>`: the default format's
+/// line without its span prefix, which here would be the SDK's invocation span with every
+/// replay flag it ever recorded. Lines about a payment name it in their own `payment_id`
+/// field. A layer of its own rather than `tracing_subscriber::fmt`'s, which formats the fields
+/// of every span it sees (one per invocation) for a prefix never printed. Control characters
+/// in values are escaped (`Writer`'s sanitizing), so no value starts a line of its own.
+struct EventLines;
 
-impl<S, N> FormatEvent<S, N> for EventLine
+impl<S> Layer<S> for EventLines
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        SystemTime.format_time(&mut writer)?;
-        write!(writer, " {:>5} ", event.metadata().level())?;
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
-        writeln!(writer)
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        thread_local! {
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            let mut writer = Writer::new(line);
+            let formatted = SystemTime
+                .format_time(&mut writer)
+                .and_then(|()| write!(writer, " {:>5} ", event.metadata().level()))
+                .and_then(|()| DefaultFields::new().format_fields(writer.by_ref(), event))
+                .and_then(|()| writeln!(writer));
+            if formatted.is_ok() {
+                // Nowhere to report a failed write to stderr.
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            }
+        });
     }
 }

@@ -343,6 +343,8 @@ pub struct Engine<S> {
     /// Whether any intent is processing (`Inner::due` not empty): read without the lock, so that
     /// a call finds nothing to settle for the price of one load.
     settling: AtomicBool,
+    /// `Store::blocks`, read once: it is the store's nature, not its state.
+    blocks: bool,
 }
 
 impl<S> std::fmt::Debug for Engine<S> {
@@ -440,6 +442,7 @@ impl<S: Store> Engine<S> {
             .filter_map(|i| Some((i.settles_at?, i.id)))
             .collect();
         let settling = AtomicBool::new(!due.is_empty());
+        let blocks = store.blocks();
         Ok(Self {
             inner: Mutex::new(Inner {
                 store,
@@ -451,6 +454,7 @@ impl<S: Store> Engine<S> {
             config,
             clock,
             settling,
+            blocks,
         })
     }
 
@@ -467,7 +471,7 @@ impl<S: Store> Engine<S> {
         self: &Arc<Self>,
         f: impl FnOnce(&Self) -> R + Send + 'static,
     ) -> anyhow::Result<R> {
-        if self.lock().store.blocks() {
+        if self.blocks {
             let engine = Arc::clone(self);
             tokio::task::spawn_blocking(move || f(&engine))
                 .await
