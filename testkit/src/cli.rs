@@ -52,6 +52,10 @@ enum StackCommand {
     },
 }
 
+/// The webhook signing secret of a local stack with the gateway process: not a secret, since
+/// only that stack's mock-gateway signs with it and only its service verifies with it.
+const LOCAL_WEBHOOK_SECRET: &str = "whsec_local_stack";
+
 /// The gateway as a process of the stack (`stack up`, `cluster up`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayProcessArgs {
@@ -360,7 +364,12 @@ fn start_fixed(
         builder = builder.deployment_version(version);
     }
     if let Some(port) = gateway_port {
-        builder = builder.gateway_process().gateway_port(port);
+        // Its webhooks (charges that settle later) go to the stack's ingress, signed with a
+        // secret of the local stack's own.
+        builder = builder
+            .gateway_process()
+            .gateway_port(port)
+            .webhooks(LOCAL_WEBHOOK_SECRET);
     }
     let stack = builder.start()?;
     warn_of_older_builds(&stack);
