@@ -63,6 +63,15 @@ fn create_later(
     (id, answer)
 }
 
+/// The line of the gateway accepting `id`'s charge to settle it later.
+fn accepted(id: &str) -> (LedgerOp, LedgerOutcome, String) {
+    (
+        LedgerOp::Process,
+        LedgerOutcome::Succeeded,
+        format!("charge:{id}"),
+    )
+}
+
 /// The ledger lines of `id` that acted, as (op, outcome, idempotency key).
 fn acted(app: &TestApp, id: &str) -> Vec<(LedgerOp, LedgerOutcome, String)> {
     app.ledger(id)
@@ -104,11 +113,7 @@ fn a_processing_payment_waits_without_its_lock_and_its_webhook_settles_it_once()
     assert_eq!(
         acted(app, &id),
         vec![
-            (
-                LedgerOp::Process,
-                LedgerOutcome::Succeeded,
-                format!("charge:{id}")
-            ),
+            accepted(&id),
             (LedgerOp::Charge, LedgerOutcome::Succeeded, String::new()),
         ],
         "accepted once, charged once, by the gateway itself"
@@ -158,11 +163,7 @@ fn a_customer_who_never_acts_is_cancelled_at_the_deadline_and_a_late_event_chang
     assert_eq!(
         acted(app, &id),
         vec![
-            (
-                LedgerOp::Process,
-                LedgerOutcome::Succeeded,
-                format!("charge:{id}")
-            ),
+            accepted(&id),
             (
                 LedgerOp::Cancel,
                 LedgerOutcome::Succeeded,
