@@ -238,7 +238,19 @@ pub async fn void_charged<G: PaymentGateway + ?Sized>(
         ChargeResponse::Authorized { charge_id } => ChargeLookup::Authorized { charge_id },
         ChargeResponse::Processing { charge_id, .. } => gateway.check_charge(&charge_id).await?,
     };
-    match now {
+    void_as_found(gateway, request, now).await
+}
+
+/// The void of `request.charge` as the gateway's records show it stands (`found`): refunded
+/// if it took money, released if it holds it or waits on the customer, nothing if it never
+/// charged, and, while the money is on its way, an unknown outcome to try again later. One
+/// place for [`void_charged`] and the service's void by look-up.
+pub async fn void_as_found<G: PaymentGateway + ?Sized>(
+    gateway: &G,
+    request: &VoidRequest,
+    found: ChargeLookup,
+) -> Result<VoidResponse, GatewayError> {
+    match found {
         ChargeLookup::Charged { charge_id } => refund_in_full(gateway, request, charge_id).await,
         ChargeLookup::Authorized { charge_id }
         | ChargeLookup::Processing {

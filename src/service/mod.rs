@@ -55,8 +55,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::gateway::{
     Attempted, Awaiting, ChargeLookup, ChargeRequest, ChargeResponse, GatewayError, PaymentGateway,
-    RefundRequest as GatewayRefund, VoidHoldRequest, VoidRequest, VoidResponse, refund_in_full,
-    release_in_full, with_retries,
+    RefundRequest as GatewayRefund, VoidHoldRequest, VoidRequest, VoidResponse, void_as_found,
+    with_retries,
 };
 use crate::payment::{
     CaptureMethod, CapturePaymentBody, ChargeOutcome, ChargeStep, CreatePaymentBody, GatewayEvent,
@@ -981,57 +981,23 @@ async fn void_by_lookup(
         gateway.find_charge(payment_id)
     })
     .await;
-    let charge_id = match found.result {
-        Ok(ChargeLookup::NotCharged { .. }) => {
-            return Attempted {
-                result: Ok(VoidResponse::NothingCharged),
-                attempts: found.attempts,
-            };
-        }
+    let found_attempts = found.attempts;
+    let found = match found.result {
+        Ok(found) => found,
         Err(e) => {
             return Attempted {
                 result: Err(e),
                 attempts: found.attempts,
             };
         }
-        Ok(ChargeLookup::Charged { charge_id }) => charge_id,
-        // Still on its way: voided once it settles.
-        Ok(ChargeLookup::Processing {
-            charge_id,
-            awaiting: Awaiting::Processing,
-        }) => {
-            return Attempted {
-                result: Err(GatewayError::Unknown(format!(
-                    "{charge_id} is processing: it cannot be cancelled before it settles"
-                ))),
-                attempts: found.attempts,
-            };
-        }
-        // A hold, or a charge waiting on the customer: released, nothing taken.
-        Ok(
-            ChargeLookup::Authorized { charge_id }
-            | ChargeLookup::Processing {
-                charge_id,
-                awaiting: Awaiting::RequiresAction,
-            },
-        ) => {
-            let released = with_retries(policy.retry, payment_id, "void hold", || {
-                release_in_full(gateway, request, charge_id.clone())
-            })
-            .await;
-            return Attempted {
-                result: released.result,
-                attempts: found.attempts + released.attempts,
-            };
-        }
     };
-    let refunded = with_retries(policy.retry, payment_id, "void refund", || {
-        refund_in_full(gateway, request, charge_id.clone())
+    let voided = with_retries(policy.retry, payment_id, "void as found", || {
+        void_as_found(gateway, request, found.clone())
     })
     .await;
     Attempted {
-        result: refunded.result,
-        attempts: found.attempts + refunded.attempts,
+        result: voided.result,
+        attempts: found_attempts + voided.attempts,
     }
 }
 
@@ -1117,5 +1083,79 @@ fn log_refusal<T>(payment_id: &str, result: &Result<T, TerminalError>) {
         // The key of a refused request may be anything a caller sent: escaped, it cannot forge a
         // line of its own.
         info!(payment_id = %payment_id.escape_debug(), code = e.code(), reason = e.message(), "request refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::gateway::{MockConfig, MockGateway};
+
+    fn charge(payment: &str, customer: &str) -> ChargeRequest {
+        ChargeRequest {
+            idempotency_key: format!("charge:{payment}"),
+            payment_id: payment.into(),
+            amount: 500,
+            currency: "USD".into(),
+            customer_id: customer.into(),
+            manual_capture: false,
+        }
+    }
+
+    fn void(charge: ChargeRequest) -> VoidRequest {
+        VoidRequest {
+            refund_key: format!("void:{}", charge.payment_id),
+            charge,
+        }
+    }
+
+    /// Past the key's window the void goes by the gateway's records: a charge found is
+    /// refunded, one waiting on its customer cancelled, one processing left unknown (voided
+    /// once it settles), and no charge is nothing to void.
+    #[tokio::test]
+    async fn a_void_by_look_up_acts_on_the_charge_as_it_stands() {
+        let gateway = MockGateway::new(MockConfig {
+            delay: Duration::ZERO,
+            decline_rate: 0.0,
+            settle_delay: Duration::from_secs(3600),
+            ..MockConfig::default()
+        })
+        .unwrap();
+        let policy = SettlePolicy {
+            retry: crate::gateway::RetryPolicy {
+                max_attempts: 1,
+                ..Default::default()
+            },
+            ..SettlePolicy::default()
+        };
+        let by_look_up = |request: ChargeRequest| {
+            let gateway = gateway.clone();
+            async move {
+                gateway.charge(request.clone()).await.unwrap();
+                void_by_lookup(&gateway, policy, &void(request))
+                    .await
+                    .result
+            }
+        };
+        assert!(matches!(
+            by_look_up(charge("paid", "cust")).await,
+            Ok(VoidResponse::Refunded { .. })
+        ));
+        assert_eq!(
+            by_look_up(charge("waiting", "action-x")).await,
+            Ok(VoidResponse::NothingCharged)
+        );
+        assert!(matches!(
+            by_look_up(charge("processing", "async-x")).await,
+            Err(GatewayError::Unknown(_))
+        ));
+        assert_eq!(
+            void_by_lookup(&gateway, policy, &void(charge("never", "cust")))
+                .await
+                .result,
+            Ok(VoidResponse::NothingCharged)
+        );
     }
 }
