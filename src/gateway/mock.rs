@@ -423,6 +423,20 @@ mod tests {
         }
     }
 
+    /// The intent and what it waits on, of a charge the gateway accepts to settle later.
+    async fn accepted(
+        gw: &MockGateway,
+        request: &ChargeRequest,
+    ) -> (String, crate::gateway::Awaiting) {
+        match gw.charge(request.clone()).await.unwrap() {
+            ChargeResponse::Processing {
+                charge_id,
+                awaiting,
+            } => (charge_id, awaiting),
+            other => panic!("a charge accepted to settle later expected, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn a_charge_that_settles_later_is_processing_then_looked_up_and_voided_as_it_stands() {
         use crate::gateway::{Awaiting, VoidRequest};
@@ -432,13 +446,7 @@ mod tests {
         })
         .unwrap();
         let later = charge("charge:later", "async-ann", 5);
-        let ChargeResponse::Processing {
-            charge_id,
-            awaiting,
-        } = gw.charge(later.clone()).await.unwrap()
-        else {
-            panic!("processing expected")
-        };
+        let (charge_id, awaiting) = accepted(&gw, &later).await;
         assert_eq!(awaiting, Awaiting::Processing);
         let void = |c: &ChargeRequest| VoidRequest {
             charge: c.clone(),
@@ -467,13 +475,7 @@ mod tests {
         ));
 
         let waiting = charge("charge:waiting", "action-bo", 5);
-        let ChargeResponse::Processing {
-            charge_id,
-            awaiting,
-        } = gw.charge(waiting.clone()).await.unwrap()
-        else {
-            panic!("requires_action expected")
-        };
+        let (charge_id, awaiting) = accepted(&gw, &waiting).await;
         assert_eq!(awaiting, Awaiting::RequiresAction);
         assert_eq!(
             gw.void(void(&waiting)).await.unwrap(),

@@ -488,6 +488,12 @@ async fn the_ledger_rebuilds_holds_and_their_captures() {
     );
 }
 
+fn cancel(intent: &str) -> Post {
+    Post::Cancel {
+        intent: intent.into(),
+    }
+}
+
 fn for_customer(payment: &str, customer: &str, manual: bool) -> Post {
     Post::CreateIntent(CreateIntent {
         amount: 700,
@@ -527,14 +533,7 @@ async fn customers_that_pay_later_settle_once_by_themselves_and_replays_keep_the
         .await;
     assert_eq!(intent_of(&three_ds).status, IntentStatus::RequiresAction);
     // Money on its way cannot be stopped; a customer who has not acted can be.
-    let stop = s
-        .post(
-            "c1",
-            Post::Cancel {
-                intent: intent_of(&paid).id(),
-            },
-        )
-        .await;
+    let stop = s.post("c1", cancel(&intent_of(&paid).id())).await;
     assert_eq!(error(&stop).code, Some("payment_intent_unexpected_state"));
 
     assert!(
@@ -601,15 +600,8 @@ async fn customers_that_pay_later_settle_once_by_themselves_and_replays_keep_the
         s.engine.settle_due().await.unwrap().is_empty(),
         "an action is never taken by itself"
     );
-    let cancel = s
-        .post(
-            "c2",
-            Post::Cancel {
-                intent: intent_of(&acting).id(),
-            },
-        )
-        .await;
-    assert_eq!(intent_of(&cancel).status, IntentStatus::Canceled);
+    let cancelled = s.post("c2", cancel(&intent_of(&acting).id())).await;
+    assert_eq!(intent_of(&cancelled).status, IntentStatus::Canceled);
 }
 
 #[tokio::test]

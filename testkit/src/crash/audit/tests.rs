@@ -303,6 +303,20 @@ fn held() -> World {
 }
 
 /// A line of A's hold (intent `ch_a`) that acted.
+/// The gateway accepting payment `id`'s charge as `intent`, to settle it later.
+fn accepted_line(id: &str, amount: u64, intent: &str) -> LedgerEntry {
+    LedgerEntry {
+        id: Some(intent.into()),
+        ..LedgerEntry::new(
+            LedgerOp::Process,
+            format!("charge:{id}"),
+            id,
+            amount,
+            LedgerOutcome::Succeeded,
+        )
+    }
+}
+
 fn hold_line(op: LedgerOp, amount: u64, replay: bool) -> LedgerEntry {
     LedgerEntry {
         intent: Some("ch_a".into()),
@@ -542,16 +556,7 @@ const CASES: &[(&str, fn(&mut World))] = &[
         w.end.ledger.retain(|e| e.op != LedgerOp::Capture);
     }),
     ("accepted-left", |w| {
-        w.end.ledger.push(LedgerEntry {
-            id: Some("pi_later".into()),
-            ..LedgerEntry::new(
-                LedgerOp::Process,
-                format!("charge:{B}"),
-                B,
-                500,
-                LedgerOutcome::Succeeded,
-            )
-        })
+        w.end.ledger.push(accepted_line(B, 500, "pi_later"))
     }),
     ("hold-state-mismatch", |w| {
         *w = held();
@@ -738,16 +743,7 @@ fn a_charge_cancelled_at_its_deadline_passes_and_is_counted() {
         }
     }
     w.end.ledger.retain(|e| e.payment_id != B);
-    w.end.ledger.push(LedgerEntry {
-        id: Some("pi_b".into()),
-        ..LedgerEntry::new(
-            LedgerOp::Process,
-            format!("charge:{B}"),
-            B,
-            500,
-            LedgerOutcome::Succeeded,
-        )
-    });
+    w.end.ledger.push(accepted_line(B, 500, "pi_b"));
     w.logs[1].creates[0] = Ok(Answer::Ok(result(B, "pending", Some("pi_b"), "pending")));
     let f = run(&w);
     assert_eq!(f.count("accepted-left"), 1, "{:#?}", f.violations);
