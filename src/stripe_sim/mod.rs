@@ -1012,13 +1012,16 @@ impl<S: Store> Engine<S> {
             if at > now_ms {
                 break;
             }
-            inner.due.pop_first();
-            let Some(mut intent) = inner.store.intent(&id)? else {
+            // Off the queue once settled (committed), or found not to be processing: a store
+            // error leaves it due, for the next round.
+            let intent = inner
+                .store
+                .intent(&id)?
+                .filter(|i| i.status == IntentStatus::Processing && i.settles_at == Some(at));
+            let Some(mut intent) = intent else {
+                inner.due.pop_first();
                 continue;
             };
-            if intent.status != IntentStatus::Processing || intent.settles_at != Some(at) {
-                continue;
-            }
             intent.settles_at = None;
             let declined = intent
                 .metadata
@@ -1060,6 +1063,7 @@ impl<S: Store> Engine<S> {
                 intent: Some(&intent),
                 line: line.as_ref(),
             })?;
+            inner.due.pop_first();
             tracing::info!(intent = %intent.id(), payment_id = %intent.metadata.payment_id().escape_debug(), status = intent.status.as_str(), "processing intent settled");
             settled.push(Settled { event_type, intent });
         }
