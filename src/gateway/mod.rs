@@ -86,6 +86,8 @@ impl ChargeResponse {
 /// What a charge the gateway accepted without a final word waits on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
+// Inline, one `enum` (see `string_enum`): restate-server copies a handler's schemas on every call.
+#[schemars(inline, transform = crate::payment::types::string_enum)]
 pub enum Awaiting {
     /// The gateway: the money is on its way (a bank debit) and cannot be stopped; it ends
     /// succeeded or declined by itself.

@@ -53,6 +53,8 @@ pub const MSG_REFUND_PENDING: &str =
 /// Where a payment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
+// Inline, one `enum` (see `string_enum`): restate-server copies a handler's schemas on every call.
+#[schemars(inline, transform = crate::payment::types::string_enum)]
 pub enum PaymentStatus {
     /// Stored, the charge not settled yet.
     Pending,

@@ -23,7 +23,7 @@ pub const MAX_REFUND_KEY_CHARS: usize = 100;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 // Inline in the published schemas: Restate's OpenAPI document keeps no `$defs` of a body.
-#[schemars(inline)]
+#[schemars(inline, transform = crate::payment::types::string_enum)]
 pub enum CaptureMethod {
     /// The charge takes the money (the seed's).
     #[default]

@@ -130,8 +130,8 @@ fn object_for(schema: &Value) -> BoxedStrategy<Map<String, Value>> {
         .boxed()
 }
 
-/// Values for one property: mostly of its declared types, around its bounds; sometimes of
-/// any type.
+/// Values for one property: mostly of its declared types, around its bounds, and its
+/// enumerated values; sometimes of any type.
 fn value_for(property: &Value) -> BoxedStrategy<Value> {
     let types: Vec<&str> = match &property["type"] {
         Value::String(t) => vec![t.as_str()],
@@ -147,6 +147,12 @@ fn value_for(property: &Value) -> BoxedStrategy<Value> {
     }
     if types.contains(&"null") {
         typed.push(Just(Value::Null).boxed());
+    }
+    // An enumeration's own values, beside the strings around them that it refuses.
+    if let Some(Value::Array(values)) = property.get("enum")
+        && !values.is_empty()
+    {
+        typed.push(prop::sample::select(values.clone()).boxed());
     }
     if typed.is_empty() {
         return any_value();
