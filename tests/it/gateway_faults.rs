@@ -100,8 +100,11 @@ fn a_hanging_gateway_is_answered_pending_promptly_and_settled() {
         ),
         "{answer:?}"
     );
-    assert_eq!(app.settled(&id).status, PaymentStatus::Completed);
-    let unknown = all_completed_once(&app, "hang", 6);
+    let first = app.settled(&id);
+    assert_eq!(first.status, PaymentStatus::Completed);
+    // A payment's outcome stays unknown when all 3 of its attempts hang (0.7^3, about 1 in 3):
+    // with 13 payments, that none does is about 1 run in 240 (6 made it 1 in 12).
+    let unknown = all_completed_once(&app, "hang", 12) + usize::from(first.attempts > 0);
     assert!(unknown > 0, "nothing hung: the test proved nothing");
 }
 
