@@ -16,6 +16,7 @@
 //! | [`server`]    | the HTTP endpoint and graceful shutdown on SIGINT/SIGTERM                     |
 //! | [`config`]    | flags and environment variables (clap)                                       |
 //! | [`telemetry`] | `tracing` setup, replay-aware                                                |
+//! | [`rfc3339`]   | timestamps as clients and logs read them, written without a format parser     |
 //!
 //! `src/main.rs` only wires these together. Integration tests in `tests/` start a real
 //! `restate-server` and the service binary through the workspace's harness crate, `testkit/`
@@ -24,6 +25,7 @@
 pub mod config;
 pub mod gateway;
 pub mod payment;
+pub mod rfc3339;
 pub mod server;
 pub mod service;
 pub mod stripe_sim;

@@ -294,20 +294,12 @@ impl Timestamp {
 /// RFC 3339 in UTC with milliseconds, always three digits: what clients read. Any RFC 3339
 /// time is read back (in UTC, truncated to milliseconds).
 mod rfc3339_millis {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error, ser};
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
     use time::format_description::well_known::Rfc3339;
-    use time::macros::format_description;
     use time::{OffsetDateTime, UtcOffset};
 
-    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] =
-        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-
-    pub fn format(at: OffsetDateTime) -> Result<String, time::error::Format> {
-        at.to_offset(UtcOffset::UTC).format(FORMAT)
-    }
-
     pub fn serialize<S: Serializer>(at: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(*at).map_err(ser::Error::custom)?)
+        s.serialize_str(crate::rfc3339::utc::<3>(*at).as_str())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
@@ -339,10 +331,7 @@ pub mod epoch_millis {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match rfc3339_millis::format(self.0) {
-            Ok(s) => f.write_str(&s),
-            Err(_) => write!(f, "{:?}", self.0),
-        }
+        f.write_str(crate::rfc3339::utc::<3>(self.0).as_str())
     }
 }
 
