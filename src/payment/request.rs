@@ -6,7 +6,7 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{Amount, Currency, PaymentError};
 
@@ -54,7 +54,11 @@ impl NewPayment {
     /// (absent, null or empty means USD, as in the seed), `description`, `customerId`,
     /// `capture` (`automatic`, the default, or `manual`). Unknown fields are ignored.
     pub fn parse(body: &[u8]) -> Result<Self, PaymentError> {
-        let fields = parse_object(body, false)?;
+        let mut fields = parse_object(
+            body,
+            false,
+            ["amount", "currency", "description", "customerId", "capture"],
+        )?;
         let amount = match fields.get("amount") {
             None | Some(Value::Null) => {
                 return Err(PaymentError::invalid(
@@ -63,7 +67,7 @@ impl NewPayment {
             }
             Some(value) => Amount::new(whole_units(value)?)?,
         };
-        let currency = match optional_string(&fields, "currency", 16)? {
+        let currency = match optional_string(&mut fields, "currency", 16)? {
             None => Currency::usd(),
             Some(code) if code.is_empty() => Currency::usd(),
             Some(code) => Currency::parse(&code)?,
@@ -71,13 +75,14 @@ impl NewPayment {
         Ok(Self {
             amount,
             currency,
-            description: optional_string(&fields, "description", MAX_DESCRIPTION_CHARS)?
+            description: optional_string(&mut fields, "description", MAX_DESCRIPTION_CHARS)?
                 .unwrap_or_default(),
             customer_id: no_control_characters(
                 "customerId",
-                optional_string(&fields, "customerId", MAX_CUSTOMER_ID_CHARS)?.unwrap_or_default(),
+                optional_string(&mut fields, "customerId", MAX_CUSTOMER_ID_CHARS)?
+                    .unwrap_or_default(),
             )?,
-            capture: match optional_string(&fields, "capture", 16)?.as_deref() {
+            capture: match optional_string(&mut fields, "capture", 16)?.as_deref() {
                 None | Some("automatic") => CaptureMethod::Automatic,
                 Some("manual") => CaptureMethod::Manual,
                 Some(_) => {
@@ -101,7 +106,7 @@ impl CaptureRequest {
     /// Parses a `CapturePayment` body: an optional `amount` (absent or null: the whole hold).
     /// An empty body captures the whole hold.
     pub fn parse(body: &[u8]) -> Result<Self, PaymentError> {
-        let fields = parse_object(body, true)?;
+        let fields = parse_object(body, true, ["amount"])?;
         let amount = match fields.get("amount") {
             None | Some(Value::Null) => None,
             Some(value) => Some(Amount::new(whole_units(value)?)?),
@@ -132,7 +137,7 @@ impl RefundRequest {
     /// Parses a `RefundPayment` body: `reason` and optional `amount`. An empty body means a
     /// full refund with no reason.
     pub fn parse(body: &[u8]) -> Result<Self, PaymentError> {
-        let fields = parse_object(body, true)?;
+        let mut fields = parse_object(body, true, ["amount", "refundKey", "reason"])?;
         let amount = match fields.get("amount") {
             None | Some(Value::Null) => RefundAmount::Full,
             Some(value) => match whole_units(value)? {
@@ -140,7 +145,7 @@ impl RefundRequest {
                 units => RefundAmount::Partial(Amount::new(units)?),
             },
         };
-        let refund_key = optional_string(&fields, "refundKey", MAX_REFUND_KEY_CHARS)?;
+        let refund_key = optional_string(&mut fields, "refundKey", MAX_REFUND_KEY_CHARS)?;
         if let Some(key) = &refund_key
             && (key.is_empty() || !key.chars().all(is_refund_key_char))
         {
@@ -149,7 +154,7 @@ impl RefundRequest {
             )));
         }
         Ok(Self {
-            reason: optional_string(&fields, "reason", MAX_REASON_CHARS)?.unwrap_or_default(),
+            reason: optional_string(&mut fields, "reason", MAX_REASON_CHARS)?.unwrap_or_default(),
             amount,
             refund_key,
         })
@@ -271,31 +276,153 @@ pub struct NoInput {}
 impl NoInput {
     /// Checks a `GetPayment` body: absent or a JSON object, as the schema says.
     pub fn parse(body: &[u8]) -> Result<Self, PaymentError> {
-        parse_object(body, true).map(|_| Self {})
+        parse_object(body, true, []).map(|_| Self {})
+    }
+}
+
+/// The fields a parser reads, each holding the last value the body gave it (a repeated key
+/// counts once, its last value, as in a parsed map). Any other field is parsed, so that the
+/// body is valid JSON as a whole, and dropped.
+struct Fields<const N: usize> {
+    names: [&'static str; N],
+    values: [Option<Value>; N],
+}
+
+impl<const N: usize> Fields<N> {
+    fn get(&self, name: &str) -> Option<&Value> {
+        let i = self.names.iter().position(|n| *n == name)?;
+        self.values[i].as_ref()
+    }
+
+    fn take(&mut self, name: &str) -> Option<Value> {
+        let i = self.names.iter().position(|n| *n == name)?;
+        self.values[i].take()
     }
 }
 
 /// The body must be a JSON object; no body at all is `{}` where `empty_ok`. Whitespace is not
-/// "no body": it is not JSON.
-fn parse_object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, PaymentError> {
+/// "no body": it is not JSON. Only the fields named are kept: a body's other fields (ignored)
+/// cost no map of their own.
+fn parse_object<const N: usize>(
+    body: &[u8],
+    empty_ok: bool,
+    names: [&'static str; N],
+) -> Result<Fields<N>, PaymentError> {
     if body.is_empty() {
         return if empty_ok {
-            Ok(Map::new())
+            Ok(Fields {
+                names,
+                values: std::array::from_fn(|_| None),
+            })
         } else {
             Err(PaymentError::invalid(
                 "request body is required: a JSON object with amount, currency, description and customerId",
             ))
         };
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(fields)) => Ok(fields),
-        Ok(other) => Err(PaymentError::invalid(format!(
-            "request body must be a JSON object, got {}",
-            json_type(&other)
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let parsed = serde::de::DeserializeSeed::deserialize(Wanted(names), &mut json)
+        .and_then(|top| json.end().map(|()| top));
+    match parsed {
+        Ok(TopLevel::Object(fields)) => Ok(fields),
+        Ok(TopLevel::Other(json_type)) => Err(PaymentError::invalid(format!(
+            "request body must be a JSON object, got {json_type}"
         ))),
         Err(e) => Err(PaymentError::invalid(format!(
             "request body is not valid JSON: {e}"
         ))),
+    }
+}
+
+/// A body's top level: an object's wanted fields, or what else it is ([`json_type`]'s words).
+enum TopLevel<const N: usize> {
+    Object(Fields<N>),
+    Other(&'static str),
+}
+
+/// Reads a body's top level, keeping the fields named.
+struct Wanted<const N: usize>([&'static str; N]);
+
+impl<'de, const N: usize> serde::de::DeserializeSeed<'de> for Wanted<N> {
+    type Value = TopLevel<N>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, json: D) -> Result<Self::Value, D::Error> {
+        json.deserialize_any(self)
+    }
+}
+
+impl<'de, const N: usize> serde::de::Visitor<'de> for Wanted<N> {
+    type Value = TopLevel<N>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = Fields {
+            names: self.0,
+            values: std::array::from_fn(|_| None),
+        };
+        while let Some(wanted) = map.next_key_seed(FieldIndex(&fields.names))? {
+            // Parsed as a map would parse it, wanted or not: the same JSON is refused.
+            let value = map.next_value::<Value>()?;
+            if let Some(i) = wanted {
+                fields.values[i] = Some(value);
+            }
+        }
+        Ok(TopLevel::Object(fields))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<Value>()?.is_some() {}
+        Ok(TopLevel::Other(json_type(&Value::Array(Vec::new()))))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other(json_type(&Value::Null)))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other(json_type(&Value::Bool(false))))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other(json_type(&Value::from(0))))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other(json_type(&Value::from(0))))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other(json_type(&Value::from(0))))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(TopLevel::Other(json_type(&Value::String(String::new()))))
+    }
+}
+
+/// A key's position among the names wanted, if it is one of them.
+struct FieldIndex<'a>(&'a [&'static str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for FieldIndex<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, json: D) -> Result<Self::Value, D::Error> {
+        json.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FieldIndex<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|name| *name == key))
     }
 }
 
@@ -340,20 +467,21 @@ fn whole_units(value: &Value) -> Result<u64, PaymentError> {
 }
 
 /// A string field that may be absent or null; any other JSON type is refused.
-fn optional_string(
-    fields: &Map<String, Value>,
+/// The field is taken out of `fields`: each parser reads a field once.
+fn optional_string<const N: usize>(
+    fields: &mut Fields<N>,
     name: &str,
     max_chars: usize,
 ) -> Result<Option<String>, PaymentError> {
-    match fields.get(name) {
+    match fields.take(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.chars().count() > max_chars => Err(PaymentError::invalid(
             format!("{name} must be at most {max_chars} characters"),
         )),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(PaymentError::invalid(format!(
             "{name} must be a string, got {}",
-            json_type(other)
+            json_type(&other)
         ))),
     }
 }
