@@ -14,7 +14,7 @@ use std::sync::Arc;
 use restate_sdk::prelude::*;
 use tracing::{debug, error, info, warn};
 
-use super::{JsonBody, PaymentService, STATE_PAYMENT, decode, is_cancel};
+use super::{JsonBody, PaymentService, STATE_PAYMENT, decode, is_cancel, set_state};
 use crate::gateway::{
     Attempted, CaptureRequest as GatewayCapture, ChargeLookup, GatewayError, VoidHoldRequest,
     with_retries,
@@ -81,7 +81,7 @@ impl PaymentService {
                 Ok(None)
             }
             HoldRequest::Run(action) => {
-                ctx.set(STATE_PAYMENT, Json(payment.clone()));
+                set_state(ctx, STATE_PAYMENT, &payment);
                 self.hold_and_store(ctx, id, payment, action, 0)
                     .await
                     .map(Some)
@@ -127,7 +127,7 @@ impl PaymentService {
         round: u32,
     ) -> Result<Payment, TerminalError> {
         let settled = payment.settle_hold(step);
-        ctx.set(STATE_PAYMENT, Json(payment.clone()));
+        set_state(ctx, STATE_PAYMENT, &payment);
         settled?;
         match payment.status {
             PaymentStatus::Completed => info!(
