@@ -24,7 +24,7 @@ pub mod model;
 mod sqlite;
 pub mod webhooks;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -359,7 +359,8 @@ struct Inner<S> {
     store: S,
     /// Keys whose first request is running (not durable: a request cut off by a crash never
     /// acted).
-    in_flight: HashMap<u128, u64>,
+    /// Keyed by the keys' digests (see `memory.rs` for the hasher).
+    in_flight: foldhash::HashMap<u128, u64>,
     digest: Digester,
     last_sweep: u32,
     /// Processing intents by when they settle (milliseconds since the epoch).
@@ -446,7 +447,7 @@ impl<S: Store> Engine<S> {
         Ok(Self {
             inner: Mutex::new(Inner {
                 store,
-                in_flight: HashMap::new(),
+                in_flight: foldhash::HashMap::default(),
                 digest: Digester::default(),
                 last_sweep: now,
                 due,
