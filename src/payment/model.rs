@@ -260,13 +260,82 @@ fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
 /// "at":1795826813514}`: journal entries are internal, and each byte of them crosses
 /// restate-server's log and storage several times.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", try_from = "JournaledChargeStep")]
 pub struct ChargeStep {
     /// When the step began: the payment's `createdAt`.
     #[serde(with = "epoch_millis")]
     pub started_at: Timestamp,
     #[serde(flatten)]
     pub result: ChargeOutcome,
+}
+
+/// A [`ChargeStep`] as journaled, read field by field. Derived, a flattened and internally
+/// tagged enum is read by buffering the whole object into serde's generic `Content` first,
+/// twice over, and every payment reads its charge step back.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JournaledChargeStep {
+    #[serde(with = "epoch_millis")]
+    started_at: Timestamp,
+    outcome: String,
+    charge_id: Option<String>,
+    /// Epoch milliseconds, as `epoch_millis` writes them.
+    at: Option<i64>,
+    reason: Option<String>,
+    attempts: Option<u32>,
+    awaiting: Option<Awaiting>,
+}
+
+impl TryFrom<JournaledChargeStep> for ChargeStep {
+    type Error = String;
+
+    fn try_from(step: JournaledChargeStep) -> Result<Self, String> {
+        let JournaledChargeStep {
+            started_at,
+            outcome,
+            charge_id,
+            at: at_ms,
+            reason,
+            attempts,
+            awaiting,
+        } = step;
+        let need = |field: &str| format!("charge step {outcome:?} without {field}");
+        let at = |at: Option<i64>| {
+            let millis = at.ok_or_else(|| need("at"))?;
+            Timestamp::from_unix_millis(millis)
+                .ok_or_else(|| format!("timestamp out of range: {millis} ms"))
+        };
+        let result = match outcome.as_str() {
+            "charged" => ChargeOutcome::Charged {
+                charge_id: charge_id.ok_or_else(|| need("chargeId"))?,
+                at: at(at_ms)?,
+            },
+            "authorized" => ChargeOutcome::Authorized {
+                charge_id: charge_id.ok_or_else(|| need("chargeId"))?,
+                at: at(at_ms)?,
+            },
+            "declined" => ChargeOutcome::Declined {
+                reason: reason.ok_or_else(|| need("reason"))?,
+            },
+            "rejected" => ChargeOutcome::Rejected {
+                reason: reason.ok_or_else(|| need("reason"))?,
+            },
+            "notCharged" => ChargeOutcome::NotCharged {
+                reason: reason.ok_or_else(|| need("reason"))?,
+            },
+            "processing" => ChargeOutcome::Processing {
+                charge_id: charge_id.ok_or_else(|| need("chargeId"))?,
+                awaiting: awaiting.ok_or_else(|| need("awaiting"))?,
+                at: at(at_ms)?,
+            },
+            "unknown" => ChargeOutcome::Unknown {
+                reason: reason.ok_or_else(|| need("reason"))?,
+                attempts: attempts.ok_or_else(|| need("attempts"))?,
+            },
+            other => return Err(format!("unknown charge step outcome {other:?}")),
+        };
+        Ok(Self { started_at, result })
+    }
 }
 
 /// What a charge step (a charge, or the final look-up) found.
@@ -1377,11 +1446,49 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<ChargeStep>(&json).unwrap(), s);
 
-        let declined = step(ChargeOutcome::Declined {
-            reason: "insufficient funds".into(),
-        });
-        let json = serde_json::to_string(&declined).unwrap();
-        assert_eq!(serde_json::from_str::<ChargeStep>(&json).unwrap(), declined);
+        // Every outcome reads back as written (the reader is not the derived one).
+        let at = Timestamp::now();
+        for result in [
+            ChargeOutcome::Authorized {
+                charge_id: "pi_1".into(),
+                at,
+            },
+            ChargeOutcome::Declined {
+                reason: "insufficient funds".into(),
+            },
+            ChargeOutcome::Rejected {
+                reason: "bad key".into(),
+            },
+            ChargeOutcome::NotCharged {
+                reason: "no charge".into(),
+            },
+            ChargeOutcome::Processing {
+                charge_id: "pi_2".into(),
+                awaiting: Awaiting::RequiresAction,
+                at,
+            },
+            ChargeOutcome::Unknown {
+                reason: "timeout".into(),
+                attempts: 3,
+            },
+        ] {
+            let s = step(result);
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(
+                serde_json::from_str::<ChargeStep>(&json).unwrap(),
+                s,
+                "{json}"
+            );
+        }
+        // What is not a charge step is refused, not read as one.
+        for json in [
+            r#"{"startedAt":1,"outcome":"charged","at":1}"#,
+            r#"{"startedAt":1,"outcome":"unknown","reason":"x"}"#,
+            r#"{"startedAt":1,"outcome":"refunded","reason":"x"}"#,
+            r#"{"outcome":"declined","reason":"x"}"#,
+        ] {
+            assert!(serde_json::from_str::<ChargeStep>(json).is_err(), "{json}");
+        }
     }
 
     fn held(amount: u64) -> Payment {
