@@ -327,7 +327,9 @@ impl PaymentService {
             Ok(step) => step,
             Err(e) if is_cancel(&e) => {
                 warn!(payment_id = %id, "cancelled during the charge: voiding it");
-                self.void_and_store(ctx, id, payment, 0).await?;
+                // Boxed: only a cancel takes this path, and inline its state would make every
+                // payment's future (allocated and moved whole) larger.
+                Box::pin(self.void_and_store(ctx, id, payment, 0)).await?;
                 return Err(e);
             }
             Err(e) => return Err(e),
