@@ -1006,7 +1006,7 @@ async fn void_by_lookup(
 /// Stores `value` under state key `key`, serialized from a borrow: `ctx.set(key, Json(value))`
 /// takes the value, so a handler that goes on using it would clone it first.
 fn set_state<T: serde::Serialize>(ctx: &ObjectContext<'_>, key: &'static str, value: &T) {
-    // A stored payment is 250 to 400 bytes: one allocation, no growing.
+    // A stored payment is 250 to 400 bytes, unless it lists refunds: usually one allocation.
     let mut json = Vec::with_capacity(512);
     // Serializing into memory fails only on a map with keys that are not strings; no stored
     // type has one.
