@@ -338,8 +338,9 @@ impl TryFrom<JournaledChargeStep> for ChargeStep {
     }
 }
 
-/// What a charge step (a charge, or the final look-up) found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a charge step (a charge, or the final look-up) found. Written as part of a
+/// [`ChargeStep`], and read back with it, field by field (`JournaledChargeStep`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "camelCase")]
 pub enum ChargeOutcome {
     /// The gateway took the money.
